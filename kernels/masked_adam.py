@@ -1,0 +1,438 @@
+"""Masked Adam: one fused pass of Adam over an image batch, with a pixel mask and
+per-channel bounds (NRR-DD refinement of the non-critical pixels).
+
+Per element, with ``g = grad`` and ``t = step``::
+
+    exp_avg    = lerp(exp_avg, g, 1 - b1)              (= b1*exp_avg + (1-b1)*g)
+    exp_avg_sq = exp_avg_sq*b2 + (1-b2)*g*g
+    denom      = sqrt(exp_avg_sq) / sqrt(1 - b2**t) + eps
+    x          = x - mask * (lr / (1 - b1**t)) * exp_avg / denom
+    x          = clamp(x, lo[c], hi[c])
+
+This is the op order of ``torch.optim.Adam(foreach=False)`` (``_single_tensor_adam``),
+so with an all-ones mask and no bounds the reference is bit-identical to it.
+
+Guarantees on masked-out pixels (``mask == 0``):
+
+* ``x`` is left bit-identical (``torch.where(mask != 0, x_new, x)``: no ``x - 0*u``
+  rounding, signed-zero flip, or NaN/Inf propagation from the update);
+* the bounds are still applied: clamping an in-bounds value returns it exactly,
+  but a pixel that *starts* out of bounds is moved onto the bound even where
+  the mask is 0 (so the result always lies in the box);
+* the moments ``exp_avg`` and ``exp_avg_sq`` are updated everywhere, as for the
+  unmasked pixels (the mask gates the parameter update only), so a pixel that
+  becomes trainable later (``MaskedAdam.set_mask``) continues from live moments.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from ._backend import check_backend_arg, resolve_backend, triton_available
+
+__all__ = ["masked_adam_", "masked_adam_reference_", "masked_adam_triton_", "MaskedAdam"]
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+
+def _bounds_tensors(lo, hi, C: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Normalise per-channel bounds to two fp32 [C] tensors (or None)."""
+    if lo is None and hi is None:
+        return None
+
+    def conv(b, fill):
+        if b is None:
+            return torch.full((C,), fill, dtype=torch.float32, device=device)
+        t = torch.as_tensor(b, dtype=torch.float32, device=device).reshape(-1)
+        if t.numel() == 1 and C != 1:
+            t = t.expand(C)
+        if t.numel() != C:
+            raise ValueError(f"bounds must have one value per channel ({C}), got {t.numel()}")
+        return t.contiguous()
+
+    return conv(lo, float("-inf")), conv(hi, float("inf"))
+
+
+def _check_shapes(x, grad, mask, exp_avg, exp_avg_sq):
+    if x.dim() < 2:
+        raise ValueError(f"x must be [N, C, ...] (4-D [N, C, H, W] expected), got {tuple(x.shape)}")
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError as e:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}"
+            ) from e
+
+
+# ----------------------------------------------------------------------------
+# plain PyTorch reference
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def masked_adam_reference_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.5,
+    beta2: float = 0.9,
+    eps: float = 1e-8,
+    lo=None,
+    hi=None,
+) -> None:
+    """Plain PyTorch masked Adam, in place (``step`` is the 1-based step count
+    *after* incrementing, as in torch.optim.Adam)."""
+    _check_shapes(x, grad, mask, exp_avg, exp_avg_sq)
+    step = float(step)
+    lr = float(lr)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+
+    g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+
+    xs = x if x.dtype == exp_avg.dtype else x.to(exp_avg.dtype)
+    # Exactly torch.optim.Adam's update where mask == 1 ...
+    new = torch.addcdiv(xs, exp_avg, denom, value=-step_size)
+    if mask is not None:
+        # ... x + mask*u for fractional masks, x untouched where mask == 0.
+        u = torch.zeros_like(xs).addcdiv_(exp_avg, denom, value=-step_size)
+        partial = xs + mask * u
+        new = torch.where(mask == 1, new, torch.where(mask == 0, xs, partial))
+    b = _bounds_tensors(lo, hi, x.shape[1], x.device)
+    if b is not None:
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        new = torch.minimum(torch.maximum(new, b[0].view(shape)), b[1].view(shape))
+    x.copy_(new)
+
+
+# ----------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _masked_adam_kernel(
+        x_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        mask_ptr,
+        lo_ptr,
+        hi_ptr,
+        n_elements,
+        C,
+        HW,
+        w1,  # 1 - beta1 (lerp weight)
+        one_minus_w1,  # beta1 = 1 - w1, as torch's lerp computes it
+        beta2,
+        one_minus_beta2,
+        bc2_sqrt,
+        eps,
+        neg_step_size,
+        LERP_SMALL: tl.constexpr,  # w1 < 0.5: torch's lerp uses the self-anchored form
+        HAS_MASK: tl.constexpr,
+        MASK_BCAST: tl.constexpr,  # mask is [N, 1, H, W] broadcast over channels
+        HAS_BOUNDS: tl.constexpr,
+        IDX64: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if IDX64:
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            offs = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n_elements
+
+        x_raw = tl.load(x_ptr + offs, mask=valid, other=0.0)
+        x = x_raw.to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=valid, other=0.0)
+        v = tl.load(v_ptr + offs, mask=valid, other=0.0)
+
+        # first moment: torch.lerp(m, g, w1)
+        if LERP_SMALL:
+            m = m + w1 * (g - m)
+        else:
+            m = g - (g - m) * one_minus_w1
+        # second moment: v*b2 + ((1-b2)*g)*g  (torch's mul_ + addcmul_)
+        v = v * beta2 + (one_minus_beta2 * g) * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        u = tl.div_rn(neg_step_size * m, denom)
+
+        if HAS_MASK:
+            if MASK_BCAST:
+                chw = C * HW
+                moffs = (offs // chw) * HW + offs % HW
+            else:
+                moffs = offs
+            mk = tl.load(mask_ptr + moffs, mask=valid, other=0).to(tl.float32)
+            x_new = tl.where(mk != 0.0, x + mk * u, x)
+        else:
+            x_new = x + u
+
+        if HAS_BOUNDS:
+            c = (offs // HW) % C
+            lo = tl.load(lo_ptr + c, mask=valid, other=0.0)
+            hi = tl.load(hi_ptr + c, mask=valid, other=0.0)
+            x_new = tl.minimum(tl.maximum(x_new, lo), hi)
+
+        tl.store(m_ptr + offs, m, mask=valid)
+        tl.store(v_ptr + offs, v, mask=valid)
+        tl.store(x_ptr + offs, x_new.to(x_raw.dtype), mask=valid)
+
+
+_BLOCK = 1024
+
+
+@torch.no_grad()
+def masked_adam_triton_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.5,
+    beta2: float = 0.9,
+    eps: float = 1e-8,
+    lo=None,
+    hi=None,
+) -> None:
+    """Launch the fused Triton kernel (same semantics as the reference)."""
+    if not triton_available():
+        raise RuntimeError("nrrdd.kernels: Triton is not importable")
+    _check_shapes(x, grad, mask, exp_avg, exp_avg_sq)
+    if exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
+        raise TypeError("masked_adam_: exp_avg and exp_avg_sq must be float32")
+    N, C = x.shape[0], x.shape[1]
+    n = x.numel()
+    if n == 0:
+        return
+    HW = n // (N * C) if N * C > 0 else 1
+
+    # in-place tensors must be contiguous; otherwise work on copies and copy back
+    xs = x if x.is_contiguous() else x.contiguous()
+    ms = exp_avg if exp_avg.is_contiguous() else exp_avg.contiguous()
+    vs = exp_avg_sq if exp_avg_sq.is_contiguous() else exp_avg_sq.contiguous()
+    gs = grad.contiguous()
+
+    has_mask = mask is not None
+    bcast = False
+    mk = xs  # dummy pointer when there is no mask
+    if has_mask:
+        mk = mask
+        if mk.dtype == torch.bool:
+            mk = mk.view(torch.uint8) if mk.is_contiguous() else mk.contiguous().view(torch.uint8)
+        if mk.dim() == x.dim() and mk.shape[0] == N and mk.shape[2:] == x.shape[2:] and mk.shape[1] in (1, C):
+            bcast = mk.shape[1] == 1 and C != 1
+            mk = mk.contiguous()
+        else:  # unusual broadcast: materialise (rare path)
+            mk = mk.expand(x.shape).contiguous()
+    b = _bounds_tensors(lo, hi, C, x.device)
+    lo_t, hi_t = (b if b is not None else (xs, xs))
+
+    step = float(step)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = float(lr) / bias_correction1
+    w1 = 1 - beta1
+    grid = (triton.cdiv(n, _BLOCK),)
+    _masked_adam_kernel[grid](
+        xs,
+        gs,
+        ms,
+        vs,
+        mk,
+        lo_t,
+        hi_t,
+        n,
+        C,
+        HW,
+        w1,
+        1 - w1,
+        beta2,
+        1 - beta2,
+        bias_correction2**0.5,
+        eps,
+        -step_size,
+        LERP_SMALL=abs(w1) < 0.5,
+        HAS_MASK=has_mask,
+        MASK_BCAST=bcast,
+        HAS_BOUNDS=b is not None,
+        IDX64=n + _BLOCK >= 2**31,
+        BLOCK=_BLOCK,
+        num_warps=4,
+    )
+    if xs is not x:
+        x.copy_(xs)
+    if ms is not exp_avg:
+        exp_avg.copy_(ms)
+    if vs is not exp_avg_sq:
+        exp_avg_sq.copy_(vs)
+
+
+# ----------------------------------------------------------------------------
+# public functional API
+# ----------------------------------------------------------------------------
+
+
+def masked_adam_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.5,
+    beta2: float = 0.9,
+    eps: float = 1e-8,
+    lo=None,
+    hi=None,
+    backend: str = "auto",
+) -> None:
+    """One masked Adam step, in place on ``x``, ``exp_avg``, ``exp_avg_sq``.
+
+    ``x, grad, exp_avg, exp_avg_sq``: [N, C, H, W]; ``mask``: [N, 1, H, W] (broadcast
+    over channels) or [N, C, H, W], any dtype (bool, uint8, float), or None (= all ones);
+    ``lo``/``hi``: None or per-channel [C] bounds.  ``step`` is the 1-based step count.
+    """
+    be = resolve_backend(backend, x, grad, exp_avg, exp_avg_sq, mask)
+    fn = masked_adam_triton_ if be == "triton" else masked_adam_reference_
+    fn(
+        x, grad, mask, exp_avg, exp_avg_sq,
+        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi,
+    )
+
+
+# ----------------------------------------------------------------------------
+# optimizer
+# ----------------------------------------------------------------------------
+
+
+class MaskedAdam(Optimizer):
+    """Adam whose parameter update is gated by a pixel mask, with per-channel bounds.
+
+    Drop-in for ``torch.optim.Adam`` in an SRe2L-style loop::
+
+        opt = MaskedAdam([x], mask=M, lr=0.25, betas=(0.5, 0.9), eps=1e-8, bounds=(lo, hi))
+        loss.backward(); opt.step()
+
+    ``mask``: a tensor broadcastable to the parameter ([N, 1, H, W] or [N, C, H, W]) used
+    for every parameter, a list with one mask (or None) per parameter, or None (plain Adam).
+    ``bounds``: None or ``(lo, hi)`` per-channel [C] values (either may be None).
+    State per parameter: ``step`` (float32 scalar tensor, as torch.optim.Adam),
+    ``exp_avg``, ``exp_avg_sq`` (float32).  ``group["lr"]`` is read at every step, so LR
+    schedulers work.  ``set_mask`` replaces the mask between steps.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.9),
+        eps: float = 1e-8,
+        bounds: tuple | None = None,
+        backend: str = "auto",
+    ):
+        if not 0.0 <= float(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas}")
+        if bounds is not None and len(bounds) != 2:
+            raise ValueError("bounds must be None or a pair (lo, hi)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, bounds=bounds)
+        super().__init__(params, defaults)
+        self.backend = check_backend_arg(backend)
+        self._masks: dict[int, torch.Tensor | None] = {}
+        self.set_mask(mask)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def set_mask(self, mask) -> None:
+        """Replace the mask(s): a tensor for all parameters, a list (one per parameter,
+        in param-group order), or None (no masking)."""
+        params = self._params()
+        if mask is None or isinstance(mask, torch.Tensor):
+            masks = [mask] * len(params)
+        else:
+            masks = list(mask)
+            if len(masks) != len(params):
+                raise ValueError(f"got {len(masks)} masks for {len(params)} parameters")
+        for p, m in zip(params, masks):
+            if m is not None:
+                if m.device != p.device:
+                    m = m.to(p.device)
+                try:
+                    torch.broadcast_shapes(m.shape, p.shape)
+                except RuntimeError as e:
+                    raise ValueError(
+                        f"mask of shape {tuple(m.shape)} does not broadcast to parameter "
+                        f"{tuple(p.shape)}"
+                    ) from e
+                m = m.detach()
+            self._masks[id(p)] = m
+
+    def get_mask(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._masks.get(id(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+            bounds = group.get("bounds")
+            lo, hi = (None, None) if bounds is None else bounds
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdam does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"].item()
+                masked_adam_(
+                    p, p.grad, self._masks.get(id(p)), state["exp_avg"], state["exp_avg_sq"],
+                    step=step, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                    lo=lo, hi=hi, backend=self.backend,
+                )
+        return loss

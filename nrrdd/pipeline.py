@@ -1,0 +1,252 @@
+"""The stages as runs with inputs and outputs on disk: train-teacher, distill, relabel, evaluate.
+
+Each writes its config and a manifest (versions, seed, teacher hash, dataset fingerprint) next to its
+outputs and refuses to overwrite existing outputs.
+
+Output layout of a distill run (``--out DIR``)::
+
+    DIR/syn/00000/class00000_id00000.png   RDED's layout, lossless PNG (pixel values)
+    DIR/synthetic.safetensors              images (normalised float32), labels, masks
+    DIR/config.json, DIR/manifest_distill.json
+    DIR/labels_dbr.safetensors             after `nrrdd relabel --labels dbr`
+    DIR/eval_<labels>.json                 after `nrrdd evaluate`
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import RunConfig
+from .data import Splits, load_splits
+from .discover import discover
+from .io import (atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json, file_sha256,
+                 load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
+from .models import build_model, load_model
+from .refine import refine
+from .relabel import load_labels, relabel, save_labels
+from .runtime import resolve_device, resolve_precision, set_threads
+from .train import evaluate, train_student, train_teacher
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    device: torch.device
+    precision: str
+    splits: Splits
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def factor(self) -> int:
+        return self.cfg.resolved_factor(self.splits.size)
+
+
+_SPLITS_CACHE: dict[tuple, Splits] = {}
+
+
+def make_context(cfg: RunConfig) -> Context:
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    key = (cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, cfg.test_root)
+    if key not in _SPLITS_CACHE:
+        _SPLITS_CACHE[key] = load_splits(cfg.dataset, cfg.data_root, input_size=cfg.input_size,
+                                         val_per_class=cfg.val_per_class, test_root=cfg.test_root)
+    return Context(cfg, device, resolve_precision(cfg.precision, device), _SPLITS_CACHE[key])
+
+
+def _timed(ctx: Context, name: str):
+    class T:
+        def __enter__(self):
+            self.t = time.perf_counter()
+
+        def __exit__(self, *a):
+            ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - self.t
+
+    return T()
+
+
+# --- teacher -------------------------------------------------------------------------------------------
+def teacher_meta_path(ckpt: str | Path) -> Path:
+    return Path(ckpt).with_suffix(".json")
+
+
+def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
+    ctx = make_context(cfg)
+    out = Path(cfg.out)
+    ckpt = out / "teacher.pt"
+    refuse_overwrite(ckpt, "a teacher checkpoint")
+    sp = ctx.splits
+    model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size)
+    with _timed(ctx, "train"):
+        train_teacher(model, sp.train, sp.normalizer, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
+                      batch_size=cfg.teacher_batch_size, seed=cfg.seed, flip=cfg.dataset != "mnist",
+                      device=ctx.device, precision=ctx.precision, show_progress=show_progress)
+    with _timed(ctx, "evaluate"):
+        test = evaluate(model, sp.test, sp.normalizer, device=ctx.device, precision=ctx.precision)
+        val = evaluate(model, sp.val, sp.normalizer, device=ctx.device, precision=ctx.precision)
+    atomic_torch_save(ckpt, {"model": {k: v.cpu() for k, v in model.state_dict().items()}})
+    meta = {"arch": cfg.arch, "dataset": cfg.dataset, "classes": sp.classes, "channels": sp.channels,
+            "input_size": sp.size, "test_top1": test, "val_top1": val, "epochs": cfg.teacher_epochs,
+            "dataset_fingerprint": sp.fingerprint(), "sha256": file_sha256(ckpt)}
+    atomic_write_json(teacher_meta_path(ckpt), meta)
+    cfg.replace(teacher=str(ckpt)).save(out / "config_teacher.json")
+    write_manifest(out, stage="train_teacher", config=cfg.to_dict(), teacher_sha256=meta["sha256"],
+                   dataset_fingerprint=meta["dataset_fingerprint"], timings=ctx.timings,
+                   results={"test_top1": test, "val_top1": val})
+    return {"checkpoint": str(ckpt), **meta, "timings": dict(ctx.timings)}
+
+
+def load_teacher(ctx: Context) -> torch.nn.Module:
+    cfg, sp = ctx.cfg, ctx.splits
+    if not cfg.teacher:
+        raise ValueError("no teacher given: pass --teacher PATH (train one with `nrrdd train-teacher`)")
+    meta_path = teacher_meta_path(cfg.teacher)
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("classes") and meta["classes"] != sp.classes:
+            raise ValueError(f"teacher {cfg.teacher} was trained on classes {meta['classes'][:5]}... but the "
+                             f"dataset's class order is {sp.classes[:5]}...")
+        if meta.get("arch") and meta["arch"] != cfg.arch:
+            raise ValueError(f"teacher {cfg.teacher} is a {meta['arch']!r}, but --arch is {cfg.arch!r}")
+    model = load_model(cfg.arch, cfg.teacher, len(sp.classes), sp.channels, sp.size)
+    model.to(ctx.device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# --- distill -------------------------------------------------------------------------------------------
+def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None = None) -> dict:
+    ctx = ctx or make_context(cfg)
+    out = Path(cfg.out)
+    refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
+    sp = ctx.splits
+    teacher = load_teacher(ctx) if (cfg.method != "random" or cfg.resolved_refine()) else None
+    with _timed(ctx, "discover"):
+        d = discover(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
+                     num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
+                     cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
+                     precision=ctx.precision, show_progress=show_progress)
+    images = sp.normalizer(d.images)
+    masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
+    refined = cfg.resolved_refine()
+    if refined:
+        with _timed(ctx, "refine"):
+            r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
+                       iterations=cfg.nrr_iterations, eps=cfg.nrr_eps, lr=cfg.nrr_lr, betas=cfg.nrr_betas,
+                       adam_eps=cfg.nrr_adam_eps, a_bn=cfg.a_bn, first_bn_multiplier=cfg.first_bn_multiplier,
+                       mask_every=cfg.mask_every, batch_size=cfg.refine_batch_size, cam=cfg.cam,
+                       precision=ctx.precision, device=ctx.device, show_progress=show_progress)
+        images, masks = r.images, r.masks
+    with _timed(ctx, "write"):
+        write_synthetic(out, images, d.labels, masks, sp)
+    cfg.save(out / "config.json")
+    facts = {"dataset_fingerprint": sp.fingerprint(), "synthetic_sha256": tensor_sha256(images, d.labels),
+             "factor": ctx.factor, "refined": refined, "precision": ctx.precision, "device": str(ctx.device),
+             "timings": dict(ctx.timings), "sources": d.sources}
+    if cfg.teacher:
+        facts["teacher_sha256"] = file_sha256(cfg.teacher)
+    write_manifest(out, stage="distill", config=cfg.to_dict(), **facts)
+    return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
+
+
+def write_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, sp: Splits) -> None:
+    """PNG per image in RDED's folder layout (pixel values, lossless) + one safetensors file (exact floats)."""
+    pixels = (sp.normalizer.inverse(images).clamp(0, 1) * 255).round().to(torch.uint8)
+    counts: dict[int, int] = {}
+    for img, c in zip(pixels, labels.tolist()):
+        i = counts.get(c, 0)
+        counts[c] = i + 1
+        arr = img.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        atomic_save_image(out / "syn" / f"{c:05d}" / f"class{c:05d}_id{i:05d}.png", pil)
+    atomic_save_safetensors(out / "synthetic.safetensors",
+                            {"images": images.float(), "labels": labels.long(), "masks": masks.float()},
+                            metadata={"space": "normalised", "mean": json.dumps(sp.normalizer.mean.tolist()),
+                                      "std": json.dumps(sp.normalizer.std.tolist()),
+                                      "classes": json.dumps(sp.classes)})
+
+
+def read_synthetic(syn_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    path = Path(syn_dir) / "synthetic.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `nrrdd distill --out {syn_dir}` first")
+    t, meta = load_safetensors(path)
+    return t["images"], t["labels"], t.get("masks"), meta
+
+
+# --- relabel -------------------------------------------------------------------------------------------
+def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: bool = True,
+                ctx: Context | None = None) -> dict:
+    ctx = ctx or make_context(cfg)
+    out = Path(syn_dir) / f"labels_{mode}.safetensors"
+    refuse_overwrite(out, f"a {mode} label file")
+    images, labels, _, _ = read_synthetic(syn_dir)
+    teacher = load_teacher(ctx)
+    temperature = cfg.dbr_temperature if mode == "dbr" else 1.0
+    with _timed(ctx, "relabel"):
+        stored = relabel(teacher, images, labels, mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=ctx.factor,
+                         cutmix_alpha=cfg.cutmix_alpha, temperature=temperature,
+                         batch_size=max(1, cfg.resolved_batch_size(len(ctx.splits.classes))), device=ctx.device,
+                         precision=ctx.precision, show_progress=show_progress)
+    save_labels(out, stored, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
+                temperature=temperature, synthetic_sha256=tensor_sha256(images, labels))
+    write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), labels_file=str(out),
+                   label_bytes=out.stat().st_size, timings=dict(ctx.timings),
+                   teacher_sha256=file_sha256(cfg.teacher))
+    return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": list(stored.shape),
+            "timings": dict(ctx.timings)}
+
+
+# --- evaluate ------------------------------------------------------------------------------------------
+def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_file: str | Path | None = None,
+                 show_progress: bool = True, ctx: Context | None = None) -> dict:
+    ctx = ctx or make_context(cfg)
+    sp = ctx.splits
+    out = Path(syn_dir) / f"eval_{label_mode}_{cfg.student}_s{cfg.seed}.json"
+    refuse_overwrite(out, "an evaluation result")
+    images, labels, _, meta = read_synthetic(syn_dir)
+    if meta.get("classes") and json.loads(meta["classes"]) != sp.classes:
+        raise ValueError(f"synthetic set {syn_dir} was made for other classes than {cfg.dataset}'s")
+    stored, label_bytes = None, 0
+    if label_mode in ("soft", "dbr"):
+        label_file = Path(label_file or Path(syn_dir) / f"labels_{label_mode}.safetensors")
+        stored, lmeta = load_labels(label_file)
+        if lmeta.get("synthetic_sha256") != tensor_sha256(images, labels):
+            raise ValueError(f"{label_file} was computed for another synthetic set than {syn_dir}")
+        if int(lmeta.get("seed", cfg.seed)) != cfg.seed:
+            raise ValueError(f"{label_file} replays the augmentation of seed {lmeta['seed']}, not {cfg.seed}")
+        label_bytes = label_file.stat().st_size
+    teacher = load_teacher(ctx) if label_mode == "online" else None
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student, len(sp.classes), sp.channels, sp.size)
+    with _timed(ctx, "train"):
+        train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
+                      batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed, factor=ctx.factor,
+                      teacher=teacher, stored=stored, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      temperature=cfg.temperature, cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr,
+                      dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
+                      precision=ctx.precision, show_progress=show_progress)
+    with _timed(ctx, "evaluate"):
+        test = evaluate(student, sp.test, sp.normalizer, batch_size=cfg.eval_batch_size, device=ctx.device,
+                        precision=ctx.precision)
+        val = evaluate(student, sp.val, sp.normalizer, batch_size=cfg.eval_batch_size, device=ctx.device,
+                       precision=ctx.precision)
+    result = {"labels": label_mode, "student": cfg.student, "seed": cfg.seed, "test_top1": test, "val_top1": val,
+              "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs,
+              "timings": dict(ctx.timings)}
+    atomic_write_json(out, result)
+    write_manifest(syn_dir, stage=f"evaluate_{label_mode}_{cfg.student}_s{cfg.seed}", config=cfg.to_dict(),
+                   results=result, dataset_fingerprint=sp.fingerprint())
+    return result
+
+
+def label_storage_bytes(n: int, epochs: int, classes: int, mode: str) -> int:
+    """Bytes of the label payload (float16): soft N*E*C*2, DBR N*E*2*2 (METHOD.md)."""
+    return n * epochs * (classes if mode == "soft" else 2 if mode == "dbr" else 0) * 2
+

@@ -1,0 +1,145 @@
+"""Stage 2: non-critical region refinement (NRR), and SRe2L's BN-matching loss it shares.
+
+For a batch of images x with labels y:
+  C = CAM of the teacher for y on x, min-max normalised; M = max(0, eps - C), fixed [default] or recomputed
+  every ``mask_every`` steps; L = CE(T(x), y) + a_bn * L_bn; masked Adam step (``nrrdd.kernels.MaskedAdam``)
+  with the mask on the *step*, then a clamp to the images of pixel values 0 and 1.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nrrdd.kernels import MaskedAdam
+
+from .cam import class_activation_map, nrr_mask
+from .runtime import autocast, progress
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class BNStatLoss:
+    """SRe2L's L_bn: for every BatchNorm2d, ||mean_batch - running_mean||_2 + ||var_batch - running_var||_2 of
+    the layer's input, the first layer weighted ``first_multiplier``. Hooks stay on until :meth:`remove`."""
+
+    def __init__(self, model: nn.Module, first_multiplier: float = 10.0):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.first_multiplier = first_multiplier
+        self.terms: list[torch.Tensor] = []
+        self.handles = [bn.register_forward_hook(self._hook) for bn in self.bns]
+
+    def _hook(self, module: nn.BatchNorm2d, inputs, output) -> None:
+        x = inputs[0].float()
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
+        self.terms.append(torch.norm(module.running_mean - mean, 2) + torch.norm(module.running_var - var, 2))
+
+    def pop(self) -> torch.Tensor:
+        """The loss of the last forward pass (0 for a model without BatchNorm)."""
+        terms, self.terms = self.terms, []
+        if not terms:
+            return torch.zeros(())
+        return self.first_multiplier * terms[0] + sum(terms[1:], torch.zeros_like(terms[0]))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class RefineResult:
+    images: torch.Tensor    # [N, C, H, W] normalised
+    masks: torch.Tensor     # [N, 1, H, W] the (last) masks used
+    final_loss: float
+
+
+def cosine_lr(step: int, total: int) -> float:
+    """SRe2L's cosine policy without warm-up: the factor applied to the base lr at ``step`` (0-based)."""
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
+           iterations: int = 500, eps: float = 0.5, lr: float = 0.25, betas=(0.5, 0.9), adam_eps: float = 1e-8,
+           a_bn: float = 0.01, first_bn_multiplier: float = 10.0, mask_every: int = 0, batch_size: int = 100,
+           masked: bool = True, cam: str = "auto", precision: str = "fp32", device="cpu",
+           show_progress: bool = True, desc: str = "refine") -> RefineResult:
+    """Refine normalised ``images`` [N, C, H, W] in batches; returns new tensors (inputs are not modified).
+
+    ``masked=False`` optimises every pixel (SRe2L-style synthesis, or an unmasked ablation).
+    """
+    device = torch.device(device)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    bn_loss = BNStatLoss(teacher, first_bn_multiplier)
+    if not bn_loss.bns and a_bn > 0:
+        warnings.warn("teacher has no BatchNorm2d layer: L_bn is 0, only the cross-entropy drives refinement")
+    out, out_masks, last = [], [], float("nan")
+    # Interleave classes inside each batch, so BN statistics are matched over a class mix as in SRe2L.
+    order = torch.argsort(_rank_within_class(labels) * (int(labels.max()) + 1) + labels, stable=True)
+    try:
+        bar = progress(range(0, len(order), batch_size), desc=desc, enable=show_progress)
+        for start in bar:
+            idx = order[start:start + batch_size]
+            x, m, last = _refine_batch(teacher, bn_loss, images[idx].to(device), labels[idx].to(device), lo, hi,
+                                       iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked, cam,
+                                       precision)
+            out.append((idx, x.cpu(), m.cpu()))
+    finally:
+        bn_loss.remove()
+    result = torch.empty_like(images)
+    masks = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+    for idx, x, m in out:
+        result[idx] = x
+        masks[idx] = m
+    return RefineResult(result, masks, last)
+
+
+def _rank_within_class(labels: torch.Tensor) -> torch.Tensor:
+    rank = torch.zeros_like(labels)
+    for c in labels.unique():
+        where = torch.nonzero(labels == c).flatten()
+        rank[where] = torch.arange(len(where))
+    return rank
+
+
+def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked,
+                  cam, precision):
+    def mask_of(x):
+        if not masked:
+            return torch.ones(x.shape[0], 1, *x.shape[-2:], device=x.device)
+        with torch.no_grad(), autocast(x.device, precision):
+            c = class_activation_map(teacher, x.detach(), y, method=cam)
+        bn_loss.pop()                                   # the CAM forward is not part of the loss
+        return nrr_mask(c.float(), eps)
+
+    x = x0.clone().float().requires_grad_(True)
+    mask = mask_of(x)
+    opt = MaskedAdam([x], mask=mask, lr=lr, betas=tuple(betas), eps=adam_eps,
+                     bounds=(lo.to(x.device), hi.to(x.device)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_lr(t, iterations))
+    loss_v = float("nan")
+    for it in range(iterations):
+        if mask_every and it and it % mask_every == 0:
+            mask = mask_of(x)
+            opt.set_mask(mask)
+        opt.zero_grad(set_to_none=True)
+        with autocast(x.device, precision):
+            logits = teacher(x)
+        loss = F.cross_entropy(logits.float(), y) + a_bn * bn_loss.pop()
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"refinement loss is {loss.item()} at step {it} (classes {sorted(set(y.tolist()))})")
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_v = float(loss)
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"refined images hold NaN/inf (classes {sorted(set(y.tolist()))})")
+    return x.detach(), mask, loss_v

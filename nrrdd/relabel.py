@@ -1,0 +1,66 @@
+"""Stage 3a: stored labels for E epochs of the replayable augmentation (non-pickle safetensors files).
+
+- ``dbr``: the teacher's two distances per sample per epoch, d_org = -log softmax(T(x_mix)/tau)[y_org] and
+  d_aug likewise for y_aug: float16 [E, N, 2].
+- ``soft`` (SRe2L/FKD-style): the teacher's logits per sample per epoch: float16 [E, N, C].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from nrrdd.kernels import dbr_distances
+
+from .augment import epoch_augment, mixed_batch
+from .io import atomic_save_safetensors, load_safetensors
+from .runtime import autocast, progress
+
+
+@torch.no_grad()
+def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int, seed: int,
+            factor: int, cutmix_alpha: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
+            device="cpu", precision: str = "fp32", show_progress: bool = True) -> torch.Tensor:
+    """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order."""
+    if mode not in ("dbr", "soft"):
+        raise ValueError(f"relabel mode must be 'dbr' or 'soft', not {mode!r}")
+    teacher.eval()
+    device = torch.device(device)
+    N, S = images.shape[0], images.shape[-1]
+    images = images.to(device)
+    out = None
+    for e in progress(range(epochs), desc=f"relabel[{mode}]", enable=show_progress):
+        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
+        for start in range(0, N, batch_size):
+            idx = torch.arange(start, min(N, start + batch_size))
+            x, y_org, y_aug, _ = mixed_batch(images, labels, aug, idx, factor)
+            with autocast(device, precision):
+                logits = teacher(x)
+            if out is None:
+                width = 2 if mode == "dbr" else logits.shape[-1]
+                out = torch.empty(epochs, N, width, dtype=torch.float16)
+            if mode == "dbr":
+                d_org, d_aug = dbr_distances(logits.float(), y_org.to(device), y_aug.to(device), temperature)
+                vals = torch.stack([d_org, d_aug], 1)
+            else:
+                vals = logits.float()
+            if not torch.isfinite(vals).all():
+                raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {start}..")
+            out[e, idx] = vals.half().cpu()
+    return out
+
+
+def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
+                temperature: float, synthetic_sha256: str) -> Path:
+    meta = {"mode": mode, "seed": str(seed), "factor": str(factor), "cutmix_alpha": repr(cutmix_alpha),
+            "temperature": repr(temperature), "synthetic_sha256": synthetic_sha256,
+            "layout": "[epoch, sample, 2=(d_org,d_aug)]" if mode == "dbr" else "[epoch, sample, class logits]"}
+    return atomic_save_safetensors(path, {"labels": labels}, metadata=meta)
+
+
+def load_labels(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    tensors, meta = load_safetensors(path)
+    if "labels" not in tensors:
+        raise ValueError(f"{path} holds no 'labels' tensor; is it a file written by `nrrdd relabel`?")
+    return tensors["labels"], meta

@@ -1,0 +1,155 @@
+"""Training: the teacher on real data, and the student on a synthetic set (stage 3b), plus evaluation.
+
+The student follows RDED's recipe (METHOD.md, stage 3): replayable ShufflePatches + RandomResizedCrop +
+flip + CutMix, AdamW (no decay on biases and norm layers), cosine schedule. Label modes:
+``online`` (teacher soft labels per batch, KL at temperature tau), ``soft`` (stored teacher logits),
+``dbr`` (CutMix CE + |d(S) - d(T)| on stored distances, ``nrrdd.kernels.DBRLoss``), ``hard`` (CutMix CE).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nrrdd.kernels import DBRLoss
+
+from .augment import STREAM_ORDER, epoch_augment, mixed_batch, rng
+from .data import ImageSet, Normalizer
+from .runtime import autocast, progress
+
+
+def _param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _cosine(total_steps: int):
+    return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / max(1, total_steps)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_size: int = 500, device="cpu",
+             precision: str = "fp32") -> float:
+    """Top-1 accuracy (%) of ``model`` on ``data``."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(len(data), start + batch_size))
+        x = normalizer(data.load(idx).to(device))
+        with autocast(device, precision):
+            pred = model(x).argmax(1).cpu()
+        correct += int((pred == data.labels[idx]).sum())
+    return 100.0 * correct / max(1, len(data))
+
+
+def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, epochs: int, lr: float,
+                  batch_size: int, seed: int, flip: bool = True, device="cpu", precision: str = "fp32",
+                  show_progress: bool = True) -> nn.Module:
+    """SGD (momentum 0.9, nesterov, wd 5e-4), cosine lr, random 2-px shifts and horizontal flips."""
+    model.to(device).train()
+    opt = torch.optim.SGD(_param_groups(model, 5e-4), lr=lr, momentum=0.9, nesterov=True)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
+    g = torch.Generator().manual_seed(seed)
+    for e in range(epochs):
+        perm = torch.randperm(len(train), generator=g)
+        bar = progress(range(0, len(train), batch_size), desc=f"teacher epoch {e + 1}/{epochs}", enable=show_progress)
+        for start in bar:
+            idx = perm[start:start + batch_size]
+            x = normalizer(train.load(idx))
+            x = _shift(x, 2, g)
+            if flip:
+                f = torch.rand(len(x), generator=g) < 0.5
+                x = torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
+            x, y = x.to(device), train.labels[idx].to(device)
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(x).float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"teacher loss is {loss.item()} at epoch {e}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval()
+
+
+def _shift(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (zero padding in normalised space, as RandomCrop(pad))."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    rows = (dy.view(B, 1) + torch.arange(H)).view(B, 1, H, 1).expand(B, C, H, W + 2 * pad)
+    xp = xp.gather(2, rows)
+    cols = (dx.view(B, 1) + torch.arange(W)).view(B, 1, 1, W).expand(B, C, H, W)
+    return xp.gather(3, cols)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """RDED's soft-label loss: KL(softmax(t/T) || softmax(s/T)), batch mean."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean")
+
+
+def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int,
+                  batch_size: int, seed: int, factor: int, teacher: nn.Module | None = None,
+                  stored: torch.Tensor | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
+                  temperature: float = 20.0, cutmix_alpha: float = 1.0, alpha_dbr: float = 1.0,
+                  dbr_distance: str = "l1", dbr_temperature: float = 1.0, device="cpu", precision: str = "fp32",
+                  show_progress: bool = True) -> nn.Module:
+    """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N]."""
+    device = torch.device(device)
+    if mode == "online" and teacher is None:
+        raise ValueError("label mode 'online' needs a teacher")
+    if mode in ("soft", "dbr"):
+        if stored is None:
+            raise ValueError(f"label mode {mode!r} needs stored labels (run `nrrdd relabel --labels {mode}`)")
+        if stored.shape[0] < epochs or stored.shape[1] != len(images):
+            raise ValueError(f"stored labels cover {stored.shape[0]} epochs x {stored.shape[1]} samples; "
+                             f"training needs {epochs} x {len(images)}")
+    if mode not in ("online", "soft", "dbr", "hard"):
+        raise ValueError(f"unknown label mode {mode!r}: online, soft, dbr or hard")
+    N, S = images.shape[0], images.shape[-1]
+    student.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+    opt = torch.optim.AdamW(_param_groups(student, weight_decay), lr=lr)
+    steps_per_epoch = math.ceil(N / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(epochs * steps_per_epoch))
+    dbr = DBRLoss(alpha=alpha_dbr, temperature=dbr_temperature, distance=dbr_distance)
+    images = images.to(device)
+    for e in progress(range(epochs), desc=f"student[{mode}]", enable=show_progress):
+        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
+        order = torch.from_numpy(rng(seed, STREAM_ORDER, e).permutation(N))
+        for start in range(0, N, batch_size):
+            idx = order[start:start + batch_size]
+            x, y_org, y_aug, lam = mixed_batch(images, labels, aug, idx, factor)
+            y_org, y_aug = y_org.to(device), y_aug.to(device)
+            with autocast(device, precision):
+                out = student(x)
+            out = out.float()
+            if mode == "online":
+                with torch.no_grad(), autocast(device, precision):
+                    t = teacher(x).float()
+                loss = kd_loss(out, t, temperature)
+            elif mode == "soft":
+                loss = kd_loss(out, stored[e, idx].to(device).float(), temperature)
+            elif mode == "dbr":
+                d = stored[e, idx].to(device).float()
+                loss = dbr(out, y_org, y_aug, lam, d[:, 0], d[:, 1])
+            else:
+                loss = (lam * F.cross_entropy(out, y_org, reduction="none")
+                        + (1 - lam) * F.cross_entropy(out, y_aug, reduction="none")).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"student loss is {loss.item()} at epoch {e}, step {start // batch_size}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return student.eval()
