@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
 from ._backend import check_backend_arg, resolve_backend, triton_available
@@ -288,12 +289,11 @@ def masked_adam_triton_(
         BLOCK=_BLOCK,
         num_warps=4,
     )
-    if xs is not x:
-        x.copy_(xs)
-    if ms is not exp_avg:
-        exp_avg.copy_(ms)
-    if vs is not exp_avg_sq:
-        exp_avg_sq.copy_(vs)
+    for dst, src in ((x, xs), (exp_avg, ms), (exp_avg_sq, vs)):
+        if src is not dst:
+            dst.copy_(src)
+        else:  # the kernel wrote behind autograd's back: bump the version counter
+            increment_version(dst)
 
 
 # ----------------------------------------------------------------------------
@@ -406,6 +406,22 @@ class MaskedAdam(Optimizer):
     def get_mask(self, p: torch.Tensor) -> torch.Tensor | None:
         return self._masks.get(id(p))
 
+    def _bounds(self, group: dict, p: torch.Tensor):
+        """The group's bounds as fp32 [C] tensors on ``p``'s device, converted once
+        (no host-to-device copy per step); recomputed if ``group["bounds"]`` changes."""
+        bounds = group.get("bounds")
+        if bounds is None:
+            return None, None
+        key = (id(bounds), p.device, p.shape[1] if p.dim() > 1 else 1)
+        cache = getattr(self, "_bounds_cache", None)
+        if cache is None:
+            cache = self._bounds_cache = {}
+        hit = cache.get(key)
+        if hit is None or hit[0] is not bounds:
+            b = _bounds_tensors(bounds[0], bounds[1], key[2], p.device)
+            hit = cache[key] = (bounds, b)
+        return hit[1] if hit[1] is not None else (None, None)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -416,8 +432,6 @@ class MaskedAdam(Optimizer):
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-            bounds = group.get("bounds")
-            lo, hi = (None, None) if bounds is None else bounds
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -430,6 +444,7 @@ class MaskedAdam(Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = state["step"].item()
+                lo, hi = self._bounds(group, p)
                 masked_adam_(
                     p, p.grad, self._masks.get(id(p)), state["exp_avg"], state["exp_avg_sq"],
                     step=step, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -19,6 +19,8 @@ class RunConfig:
     data_root: str | None = None        # where the dataset lives (default: the named dataset's usual place)
     test_root: str | None = None        # imagefolder only: folder of the test/val split
     val_per_class: int = 500            # held out of the training split for tuning (never the test set)
+    train_limit: int = 0                # >0: use only this many training images (seeded), for quick runs
+    test_limit: int = 0                 # >0: evaluate on the first this-many test images only (quick runs)
     input_size: int | None = None       # None: the dataset's native size
     seed: int = 0
 
@@ -127,12 +129,3 @@ class RunConfig:
 def config_fields() -> list[dataclasses.Field]:
     return list(fields(RunConfig))
 
-
-# The fields that decide what each stage writes: a stage's outputs can only be reused (or resumed) by a
-# run whose values for these agree.
-DISTILL_KEYS = (
-    "dataset", "data_root", "val_per_class", "input_size", "seed", "arch", "teacher", "method", "ipc",
-    "mipc", "num_crop", "factor", "crop_scale", "cam", "cidd_keep", "refine", "nrr_eps", "nrr_iterations",
-    "nrr_lr", "nrr_betas", "nrr_adam_eps", "a_bn", "first_bn_multiplier", "mask_every",
-    "refine_batch_size",
-)

@@ -297,7 +297,8 @@ def native_size(name: str) -> int:
 
 
 def load_splits(name: str, data_root: str | None = None, *, input_size: int | None = None,
-                val_per_class: int = 500, test_root: str | None = None) -> Splits:
+                val_per_class: int = 500, test_root: str | None = None, train_limit: int = 0,
+                test_limit: int = 0) -> Splits:
     """Load a named dataset and hold ``val_per_class`` training images per class out as validation."""
     size = input_size or native_size(name)
     if name == "fashion-mnist":
@@ -327,6 +328,11 @@ def load_splits(name: str, data_root: str | None = None, *, input_size: int | No
         train.size = test.size = size
 
     val_idx, train_idx = split_validation(train.labels, val_per_class)
+    if train_limit > 0:
+        keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(SPLIT_SEED + 1))[:train_limit]
+        train_idx = torch.sort(train_idx[keep]).values
+    if test_limit > 0:
+        test = test.subset(torch.arange(min(test_limit, len(test))))
     mean, std = STATS[name]
     return Splits(name, train.subset(train_idx), train.subset(val_idx), test, Normalizer(mean, std),
                   list(train.classes), train.channels, size)

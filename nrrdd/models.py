@@ -33,7 +33,6 @@ class ConvNet(nn.Module):
         super().__init__()
         self.depth = depth
         conv, nrm, act, pool = [], [], [], []
-        size = 32 if im_size == 28 else im_size
         cin = channels
         for d in range(depth):
             conv.append(nn.Conv2d(cin, width, kernel_size=3, padding=3 if channels == 1 and d == 0 else 1))
@@ -44,9 +43,12 @@ class ConvNet(nn.Module):
             act.append(nn.ReLU())
             pool.append(nn.AvgPool2d(2, 2))
             cin = width
-            size //= 2
         self.layers = nn.ModuleDict({"conv": nn.ModuleList(conv), "norm": nn.ModuleList(nrm),
                                      "act": nn.ModuleList(act), "pool": nn.ModuleList(pool)})
+        # the padding-3 first conv grows one-channel inputs by 4 px (28 -> 32), so measure the map
+        size = im_size + (4 if channels == 1 else 0)
+        for _ in range(depth):
+            size //= 2
         self.feature_shape = (width, size, size)
         self.classifier = nn.Linear(width * size * size, num_classes)
 

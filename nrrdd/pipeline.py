@@ -52,10 +52,12 @@ _SPLITS_CACHE: dict[tuple, Splits] = {}
 def make_context(cfg: RunConfig) -> Context:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    key = (cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, cfg.test_root)
+    key = (cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, cfg.test_root, cfg.train_limit,
+           cfg.test_limit)
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE[key] = load_splits(cfg.dataset, cfg.data_root, input_size=cfg.input_size,
-                                         val_per_class=cfg.val_per_class, test_root=cfg.test_root)
+                                         val_per_class=cfg.val_per_class, test_root=cfg.test_root,
+                                         train_limit=cfg.train_limit, test_limit=cfg.test_limit)
     return Context(cfg, device, resolve_precision(cfg.precision, device), _SPLITS_CACHE[key])
 
 

@@ -139,7 +139,7 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
         loss.backward()
         opt.step()
         sched.step()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
     if not torch.isfinite(x).all():
         raise NonFiniteError(f"refined images hold NaN/inf (classes {sorted(set(y.tolist()))})")
     return x.detach(), mask, loss_v

@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Benchmark of the nrrdd.kernels ops, side by side in one run:
+
+* ``torch-eager``   : the plain PyTorch reference;
+* ``torch-compile`` : the same reference through ``torch.compile`` (Inductor);
+* ``triton``        : the fused Triton kernel (CUDA only).
+
+Ops and sizes (full run): masked Adam on the refinement batch 100 x 3 x 224 x 224 with a
+[N, 1, H, W] mask and per-channel bounds; DBR loss forward+backward and DBR distances
+(forward) at B = 256 for C = 1000 and C = 21841.  ``--quick`` shrinks sizes and repeats
+so that it runs on a CPU in well under a minute.
+
+For each op: median / p20 / p80 time, the minimum bytes the op must move, the achieved
+GB/s, and this machine's measured copy bandwidth (``dst.copy_(src)`` of ~256 MB) as the
+physical limit.  Rows are appended to ``--out`` (CSV, header written for a new file)
+and a readable table is printed.
+
+    python benchmarks/bench_kernels.py --quick
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nrrdd.kernels import dbr_distances, dbr_loss
+from nrrdd.kernels._backend import triton_available
+from nrrdd.kernels.dbr import dbr_distances_reference, dbr_loss_reference
+from nrrdd.kernels.masked_adam import masked_adam_reference_, masked_adam_triton_
+
+FIELDS = [
+    "name", "provider", "shape", "metric", "unit", "median", "p20", "p80",
+    "device", "torch_version", "package_version", "timestamp",
+]
+
+
+# ----------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, reps: int, warmup: int, setup=None) -> list[float]:
+    """Per-call times in ms (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if setup is not None:
+            setup()
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantiles(ts: list[float]) -> tuple[float, float, float]:
+    ts = sorted(ts)
+    if len(ts) == 1:
+        return ts[0], ts[0], ts[0]
+    q = statistics.quantiles(ts, n=10, method="inclusive")  # deciles
+    return statistics.median(ts), q[1], q[7]
+
+
+# ----------------------------------------------------------------------------
+# context
+# ----------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"cpu {cpu} ({torch.get_num_threads()} threads)"
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nrrdd")
+    except Exception:
+        return "unknown"
+
+
+class Recorder:
+    def __init__(self, device: torch.device):
+        self.rows: list[dict] = []
+        self.table: list[tuple] = []
+        self.common = dict(
+            device=device_name(device),
+            torch_version=torch.__version__,
+            package_version=package_version(),
+            timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    def add(self, name, provider, shape, metric, unit, med, p20, p80):
+        self.rows.append(
+            dict(name=name, provider=provider, shape=shape, metric=metric, unit=unit,
+                 median=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", **self.common)
+        )
+
+    def op(self, name, provider, shape, times_ms, min_bytes, copy_gbs):
+        med, p20, p80 = quantiles(times_ms)
+        self.add(name, provider, shape, "time", "ms", med, p20, p80)
+        self.add(name, provider, shape, "min_bytes", "MB", min_bytes / 1e6, min_bytes / 1e6, min_bytes / 1e6)
+        # GB/s from the time quantiles (p20 of the bandwidth comes from p80 of the time)
+        gbs = lambda t: min_bytes / (t * 1e-3) / 1e9  # noqa: E731
+        self.add(name, provider, shape, "bandwidth", "GB/s", gbs(med), gbs(p80), gbs(p20))
+        self.table.append((name, provider, shape, med, p20, p80, min_bytes / 1e6, gbs(med), gbs(med) / copy_gbs))
+
+    def write_csv(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            w.writerows(self.rows)
+
+    def print_table(self, copy_gbs: float) -> None:
+        print(f"\ndevice: {self.common['device']}   torch {self.common['torch_version']}   "
+              f"nrrdd {self.common['package_version']}")
+        print(f"copy bandwidth (physical limit): {copy_gbs:.1f} GB/s\n")
+        hdr = ("op", "provider", "shape", "median ms", "p20 ms", "p80 ms", "min MB", "GB/s", "% copy")
+        fmt = "{:<20} {:<14} {:<22} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7}"
+        print(fmt.format(*hdr))
+        print("-" * 118)
+        for name, prov, shape, med, p20, p80, mb, gbs, frac in self.table:
+            print(fmt.format(name, prov, shape, f"{med:.3f}", f"{p20:.3f}", f"{p80:.3f}",
+                             f"{mb:.1f}", f"{gbs:.1f}", f"{100 * frac:.1f}"))
+
+
+# ----------------------------------------------------------------------------
+# benchmarks
+# ----------------------------------------------------------------------------
+
+
+def bench_copy(rec: Recorder, device, nbytes: int, reps: int, warmup: int) -> float:
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = time_fn(lambda: dst.copy_(src), device, reps, warmup)
+    med, p20, p80 = quantiles(times)
+    moved = 2 * n * 4  # read + write
+    gbs = lambda t: moved / (t * 1e-3) / 1e9  # noqa: E731
+    shape = f"{nbytes / 2**20:.0f}MiB"
+    rec.add("copy", "torch", shape, "time", "ms", med, p20, p80)
+    rec.add("copy", "torch", shape, "bandwidth", "GB/s", gbs(med), gbs(p80), gbs(p20))
+    del src, dst
+    return gbs(med)
+
+
+def bench_masked_adam(rec: Recorder, device, shape, reps, warmup, copy_gbs, providers):
+    N, C, H, W = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    g = torch.randn(shape, generator=gen).to(device)
+    m = torch.zeros(shape, device=device)
+    v = torch.zeros(shape, device=device)
+    mask = (torch.rand(N, 1, H, W, generator=gen) > 0.3).float().to(device)
+    lo = torch.tensor([-2.1, -2.0, -1.8][:C] + [-2.0] * max(0, C - 3), device=device)
+    hi = torch.tensor([2.2, 2.4, 2.6][:C] + [2.5] * max(0, C - 3), device=device)
+    kw = dict(step=10, lr=0.25, beta1=0.5, beta2=0.9, eps=1e-8, lo=lo, hi=hi)
+    numel = x.numel()
+    min_bytes = (4 * numel + N * H * W) * 4 + 3 * numel * 4  # read x,g,m,v,mask; write x,m,v
+    sshape = "x".join(map(str, shape))
+
+    fns = {"torch-eager": lambda: masked_adam_reference_(x, g, mask, m, v, **kw)}
+    if "torch-compile" in providers:
+        compiled = torch.compile(masked_adam_reference_, dynamic=False)
+        fns["torch-compile"] = lambda: compiled(x, g, mask, m, v, **kw)
+    if "triton" in providers:
+        fns["triton"] = lambda: masked_adam_triton_(x, g, mask, m, v, **kw)
+    for prov, fn in fns.items():
+        if prov not in providers:
+            continue
+        t0 = time.perf_counter()
+        times = time_fn(fn, device, reps, warmup)
+        rec.op("masked_adam", prov, sshape, times, min_bytes, copy_gbs)
+        print(f"  masked_adam {prov:<14} {sshape}: {quantiles(times)[0]:.3f} ms "
+              f"({time.perf_counter() - t0:.1f} s incl. warm-up/compile)", file=sys.stderr)
+
+
+def bench_dbr(rec: Recorder, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.float32):
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    logits0 = (torch.randn(B, C, generator=gen) * 3).to(device=device, dtype=dtype)
+    yo = torch.randint(0, C, (B,), generator=gen).to(device)
+    ya = torch.randint(0, C, (B,), generator=gen).to(device)
+    lam = torch.rand(B, generator=gen).to(device)
+    to = (torch.rand(B, generator=gen) * 4).to(device)
+    ta = (torch.rand(B, generator=gen) * 4).to(device)
+    z = logits0.clone().requires_grad_(True)
+    esize = logits0.element_size()
+    small = 2 * B * 8 + 3 * B * 4 + B * 4  # labels, lam + targets, per-row loss
+    sshape = f"{B}x{C}" + ("" if dtype == torch.float32 else f" {str(dtype).split('.')[-1]}")
+
+    def clear():
+        z.grad = None
+
+    kw = dict(alpha=1.0, temperature=1.0, distance="l1", reduction="mean")
+
+    def fb(loss_fn):
+        def run():
+            loss_fn(z, yo, ya, lam, to, ta, **kw).backward()
+
+        return run
+
+    fwdbwd = {"torch-eager": fb(dbr_loss_reference)}
+    fwd = {"torch-eager": lambda: dbr_distances_reference(logits0, yo, ya, 1.0)}
+    if "torch-compile" in providers:
+        fwdbwd["torch-compile"] = fb(torch.compile(dbr_loss_reference, dynamic=False))
+        cd = torch.compile(dbr_distances_reference, dynamic=False)
+        fwd["torch-compile"] = lambda: cd(logits0, yo, ya, 1.0)
+    if "triton" in providers:
+        fwdbwd["triton"] = fb(lambda *a, **k: dbr_loss(*a, backend="triton", **k))
+        fwd["triton"] = lambda: dbr_distances(logits0, yo, ya, 1.0, backend="triton")
+
+    for prov, fn in fwdbwd.items():
+        if prov not in providers:
+            continue
+        t0 = time.perf_counter()
+        times = time_fn(fn, device, reps, warmup, setup=clear)
+        rec.op("dbr_loss_fwd_bwd", prov, sshape, times, 2 * B * C * esize + small, copy_gbs)
+        print(f"  dbr_loss fwd+bwd {prov:<14} {sshape}: {quantiles(times)[0]:.3f} ms "
+              f"({time.perf_counter() - t0:.1f} s incl. warm-up/compile)", file=sys.stderr)
+    for prov, fn in fwd.items():
+        if prov not in providers:
+            continue
+        with torch.no_grad():
+            times = time_fn(fn, device, reps, warmup)
+        rec.op("dbr_distances", prov, sshape, times, B * C * esize + 2 * B * 8 + 2 * B * 4, copy_gbs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/kernels.csv", help="CSV file (rows are appended)")
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (CPU smoke run)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repeats per op")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per op")
+    ap.add_argument("--providers", default="torch-eager,torch-compile,triton",
+                    help="comma-separated subset of torch-eager,torch-compile,triton")
+    ap.add_argument("--half", action="store_true", help="also time DBR with bf16 logits")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    providers = {p.strip() for p in args.providers.split(",") if p.strip()}
+    if "triton" in providers and not (device.type == "cuda" and triton_available()):
+        print("note: Triton provider skipped (needs a CUDA device and triton)", file=sys.stderr)
+        providers.discard("triton")
+
+    if args.quick:
+        reps, warmup = args.reps or 5, args.warmup or 2
+        copy_bytes = 64 * 2**20
+        adam_shape = (4, 3, 64, 64)
+        dbr_cfgs = [(32, 1000), (8, 21841)]
+    else:
+        reps, warmup = args.reps or 50, args.warmup or 5
+        copy_bytes = 256 * 2**20
+        adam_shape = (100, 3, 224, 224)
+        dbr_cfgs = [(256, 1000), (256, 21841)]
+
+    rec = Recorder(device)
+    t0 = time.perf_counter()
+    copy_gbs = bench_copy(rec, device, copy_bytes, max(reps, 5), warmup)
+    bench_masked_adam(rec, device, adam_shape, reps, warmup, copy_gbs, providers)
+    for B, C in dbr_cfgs:
+        bench_dbr(rec, device, B, C, reps, warmup, copy_gbs, providers)
+        if args.half:
+            bench_dbr(rec, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.bfloat16)
+    rec.print_table(copy_gbs)
+    out = Path(args.out)
+    rec.write_csv(out)
+    print(f"\n{len(rec.rows)} rows appended to {out}  ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A small real run on Fashion-MNIST through the CLI: teacher, distill, relabel, evaluate.
+
+Needs the Debian package dataset-fashion-mnist (.ci/run installs it)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nrrdd.cli import main
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+SMALL = ["--train-limit", "3000", "--test-limit", "1000", "--val-per-class", "20", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train-teacher", "--out", str(out), "--teacher-epochs", "2", *SMALL]) == 0
+    meta = json.loads((out / "teacher.json").read_text())
+    assert meta["test_top1"] > 50, meta
+    return out / "teacher.pt"
+
+
+def test_nrrdd_distill_relabel_evaluate_beats_chance(teacher, tmp_path):
+    out = tmp_path / "nrrdd"
+    common = ["--teacher", str(teacher), "--out", str(out), "--ipc", "5", "--mipc", "30", "--nrr-iterations", "10",
+              "--re-epochs", "30", *SMALL]
+    assert main(["distill", *common]) == 0
+    pngs = sorted((out / "syn").glob("*/*.png"))
+    assert len(pngs) == 50 and pngs[0].name == "class00000_id00000.png"
+    manifest = json.loads((out / "manifest_distill.json").read_text())
+    assert manifest["teacher_sha256"] and manifest["dataset_fingerprint"] and manifest["refined"] is True
+    assert json.loads((out / "config.json").read_text())["nrr_iterations"] == 10
+
+    assert main(["relabel", "--labels", "dbr", *common]) == 0
+    from safetensors.torch import load_file
+
+    labels = load_file(str(out / "labels_dbr.safetensors"))["labels"]
+    assert labels.shape == (30, 50, 2) and labels.dtype == torch.float16
+
+    for mode in ("dbr", "online"):
+        assert main(["evaluate", "--labels", mode, *common]) == 0
+        res = json.loads((out / f"eval_{mode}_conv3_s0.json").read_text())
+        assert res["test_top1"] > 30, res          # chance is 10%
+    # outputs are never overwritten
+    assert main(["distill", *common]) == 2
+
+
+def test_wrong_teacher_class_count_is_refused(teacher, tmp_path):
+    from nrrdd.models import build_model
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": build_model("conv3", 7, 1, 28).state_dict()}, bad)
+    assert main(["distill", "--teacher", str(bad), "--out", str(tmp_path / "o"), "--method", "rded",
+                 "--ipc", "1", "--mipc", "5", *SMALL]) == 2
