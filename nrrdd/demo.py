@@ -17,7 +17,7 @@ from . import pipeline
 DEFAULT_ROWS = ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr", "nrrdd:hard"]
 
 # The demo's own settings, applied unless the user gave the flag.
-DEMO = dict(dataset="fashion-mnist", arch="conv3", student="conv3", ipc=10, teacher_epochs=3)
+DEMO = dict(dataset="fashion-mnist", arch="conv3", student="conv3", ipc=10, teacher_epochs=5)
 QUICK = dict(teacher_epochs=1, mipc=20, nrr_iterations=5, epochs=5, val_per_class=50)
 
 

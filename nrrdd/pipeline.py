@@ -207,10 +207,13 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
 
 # --- evaluate ------------------------------------------------------------------------------------------
 def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_file: str | Path | None = None,
-                 show_progress: bool = True, ctx: Context | None = None) -> dict:
+                 show_progress: bool = True, ctx: Context | None = None, validation_only: bool = False) -> dict:
+    """Train a student on the synthetic set; report top-1 on the held-out validation images and (unless
+    ``validation_only``, as when tuning) on the test split."""
     ctx = ctx or make_context(cfg)
     sp = ctx.splits
-    out = Path(syn_dir) / f"eval_{label_mode}_{cfg.student}_s{cfg.seed}.json"
+    tag = f"{label_mode}_{cfg.student}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
+    out = Path(syn_dir) / f"eval_{tag}.json"
     refuse_overwrite(out, "an evaluation result")
     images, labels, _, meta = read_synthetic(syn_dir)
     if meta.get("classes") and json.loads(meta["classes"]) != sp.classes:
@@ -235,15 +238,16 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
                       dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
                       precision=ctx.precision, show_progress=show_progress)
     with _timed(ctx, "evaluate"):
-        test = evaluate(student, sp.test, sp.normalizer, batch_size=cfg.eval_batch_size, device=ctx.device,
-                        precision=ctx.precision)
+        test = None if validation_only else evaluate(student, sp.test, sp.normalizer,
+                                                     batch_size=cfg.eval_batch_size, device=ctx.device,
+                                                     precision=ctx.precision)
         val = evaluate(student, sp.val, sp.normalizer, batch_size=cfg.eval_batch_size, device=ctx.device,
                        precision=ctx.precision)
     result = {"labels": label_mode, "student": cfg.student, "seed": cfg.seed, "test_top1": test, "val_top1": val,
               "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs,
               "timings": dict(ctx.timings)}
     atomic_write_json(out, result)
-    write_manifest(syn_dir, stage=f"evaluate_{label_mode}_{cfg.student}_s{cfg.seed}", config=cfg.to_dict(),
+    write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(),
                    results=result, dataset_fingerprint=sp.fingerprint())
     return result
 
