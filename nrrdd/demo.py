@@ -26,8 +26,15 @@ def _teacher_dir(cfg: RunConfig) -> Path:
 
 
 def ensure_teacher(cfg: RunConfig) -> tuple[RunConfig, dict]:
-    """Reuse the teacher trained by an earlier demo with the same settings, else train it."""
+    """Reuse the teacher trained by an earlier demo on the same data split, else train it.
+
+    A cached teacher is reused only if it was trained on exactly this split (same dataset fingerprint),
+    so it has never seen the validation images of this run."""
+    fingerprint = pipeline.make_context(cfg).splits.fingerprint()
     tdir = _teacher_dir(cfg)
+    meta_path = pipeline.teacher_meta_path(tdir / "teacher.pt")
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("dataset_fingerprint") != fingerprint:
+        tdir = tdir.with_name(f"{tdir.name}_{fingerprint[:10]}")
     ckpt = tdir / "teacher.pt"
     if ckpt.exists() and pipeline.teacher_meta_path(ckpt).exists():
         meta = json.loads(pipeline.teacher_meta_path(ckpt).read_text())
@@ -58,14 +65,11 @@ def run_demo(cfg: RunConfig, *, quick: bool = False, rows: list[str] | None = No
         method, labels = row.split(":")
         mcfg = cfg.replace(method=method, labels=labels, out=str(out / method))
         if method not in distilled:
-            ctx.timings = {}
             print(f"distilling with {method} ...")
             distilled[method] = pipeline.run_distill(mcfg, ctx=ctx)["timings"]
-        ctx.timings = {}
         relabel_s = 0.0
         if labels in ("dbr", "soft"):
             relabel_s = pipeline.run_relabel(mcfg, mcfg.out, labels, ctx=ctx)["timings"]["relabel"]
-        ctx.timings = {}
         print(f"training a student on {method} with {labels} labels ...")
         r = pipeline.run_evaluate(mcfg, mcfg.out, labels, ctx=ctx)
         dt = distilled[method]

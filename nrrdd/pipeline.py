@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,16 +50,33 @@ class Context:
 _SPLITS_CACHE: dict[tuple, Splits] = {}
 
 
-def make_context(cfg: RunConfig) -> Context:
+def _data_key(cfg: RunConfig) -> tuple:
+    return (cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, cfg.test_root, cfg.train_limit,
+            cfg.test_limit)
+
+
+def make_context(cfg: RunConfig, like: Context | None = None) -> Context:
+    """A run's context. ``like``: reuse its device and loaded data (several runs in one process)."""
+    if like is not None:
+        if _data_key(like.cfg) != _data_key(cfg) or like.cfg.device != cfg.device:
+            raise ValueError("a shared context must have the same data and device settings as the run")
+        return Context(cfg, like.device, like.precision, like.splits)
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    key = (cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, cfg.test_root, cfg.train_limit,
-           cfg.test_limit)
+    key = _data_key(cfg)
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE[key] = load_splits(cfg.dataset, cfg.data_root, input_size=cfg.input_size,
                                          val_per_class=cfg.val_per_class, test_root=cfg.test_root,
                                          train_limit=cfg.train_limit, test_limit=cfg.test_limit)
     return Context(cfg, device, resolve_precision(cfg.precision, device), _SPLITS_CACHE[key])
+
+
+def _provenance(ctx: Context) -> dict:
+    """What every manifest records besides the config: dataset fingerprint and teacher file hash."""
+    facts = {"dataset_fingerprint": ctx.splits.fingerprint(), "device": str(ctx.device), "precision": ctx.precision}
+    if ctx.cfg.teacher and Path(ctx.cfg.teacher).exists():
+        facts["teacher_sha256"] = file_sha256(ctx.cfg.teacher)
+    return facts
 
 
 def _timed(ctx: Context, name: str):
@@ -97,9 +115,8 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
             "dataset_fingerprint": sp.fingerprint(), "sha256": file_sha256(ckpt)}
     atomic_write_json(teacher_meta_path(ckpt), meta)
     cfg.replace(teacher=str(ckpt)).save(out / "config_teacher.json")
-    write_manifest(out, stage="train_teacher", config=cfg.to_dict(), teacher_sha256=meta["sha256"],
-                   dataset_fingerprint=meta["dataset_fingerprint"], timings=ctx.timings,
-                   results={"test_top1": test, "val_top1": val})
+    write_manifest(out, stage="train_teacher", config=cfg.to_dict(), **_provenance(ctx),
+                   teacher_sha256=meta["sha256"], timings=ctx.timings, results={"test_top1": test, "val_top1": val})
     return {"checkpoint": str(ckpt), **meta, "timings": dict(ctx.timings)}
 
 
@@ -115,6 +132,9 @@ def load_teacher(ctx: Context) -> torch.nn.Module:
                              f"dataset's class order is {sp.classes[:5]}...")
         if meta.get("arch") and meta["arch"] != cfg.arch:
             raise ValueError(f"teacher {cfg.teacher} is a {meta['arch']!r}, but --arch is {cfg.arch!r}")
+        if meta.get("dataset_fingerprint") not in (None, sp.fingerprint()):
+            warnings.warn(f"teacher {cfg.teacher} was trained on another split of the data (different "
+                          "--val-per-class, --train-limit or files): it may have seen this run's validation images")
     model = load_model(cfg.arch, cfg.teacher, len(sp.classes), sp.channels, sp.size)
     model.to(ctx.device).eval()
     for p in model.parameters():
@@ -124,7 +144,7 @@ def load_teacher(ctx: Context) -> torch.nn.Module:
 
 # --- distill -------------------------------------------------------------------------------------------
 def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None = None) -> dict:
-    ctx = ctx or make_context(cfg)
+    ctx = make_context(cfg, like=ctx)
     out = Path(cfg.out)
     refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
     sp = ctx.splits
@@ -148,12 +168,9 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     with _timed(ctx, "write"):
         write_synthetic(out, images, d.labels, masks, sp)
     cfg.save(out / "config.json")
-    facts = {"dataset_fingerprint": sp.fingerprint(), "synthetic_sha256": tensor_sha256(images, d.labels),
-             "factor": ctx.factor, "refined": refined, "precision": ctx.precision, "device": str(ctx.device),
-             "timings": dict(ctx.timings), "sources": d.sources}
-    if cfg.teacher:
-        facts["teacher_sha256"] = file_sha256(cfg.teacher)
-    write_manifest(out, stage="distill", config=cfg.to_dict(), **facts)
+    write_manifest(out, stage="distill", config=cfg.to_dict(), **_provenance(ctx),
+                   synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
+                   timings=dict(ctx.timings), sources=d.sources)
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
 
 
@@ -185,7 +202,7 @@ def read_synthetic(syn_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, tor
 # --- relabel -------------------------------------------------------------------------------------------
 def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: bool = True,
                 ctx: Context | None = None) -> dict:
-    ctx = ctx or make_context(cfg)
+    ctx = make_context(cfg, like=ctx)
     out = Path(syn_dir) / f"labels_{mode}.safetensors"
     refuse_overwrite(out, f"a {mode} label file")
     images, labels, _, _ = read_synthetic(syn_dir)
@@ -198,9 +215,8 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
                          precision=ctx.precision, show_progress=show_progress)
     save_labels(out, stored, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
                 temperature=temperature, synthetic_sha256=tensor_sha256(images, labels))
-    write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), labels_file=str(out),
-                   label_bytes=out.stat().st_size, timings=dict(ctx.timings),
-                   teacher_sha256=file_sha256(cfg.teacher))
+    write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), **_provenance(ctx), labels_file=str(out),
+                   label_bytes=out.stat().st_size, timings=dict(ctx.timings))
     return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": list(stored.shape),
             "timings": dict(ctx.timings)}
 
@@ -210,7 +226,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
                  show_progress: bool = True, ctx: Context | None = None, validation_only: bool = False) -> dict:
     """Train a student on the synthetic set; report top-1 on the held-out validation images and (unless
     ``validation_only``, as when tuning) on the test split."""
-    ctx = ctx or make_context(cfg)
+    ctx = make_context(cfg, like=ctx)
     sp = ctx.splits
     tag = f"{label_mode}_{cfg.student}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
     out = Path(syn_dir) / f"eval_{tag}.json"
@@ -247,8 +263,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
               "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs,
               "timings": dict(ctx.timings)}
     atomic_write_json(out, result)
-    write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(),
-                   results=result, dataset_fingerprint=sp.fingerprint())
+    write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(), **_provenance(ctx), results=result)
     return result
 
 

@@ -56,11 +56,9 @@ def main() -> None:
         dkey = json.dumps({k: v for k, v in over.items() if k not in STUDENT_ONLY}, sort_keys=True)
         if dkey not in distilled:
             syn = Path(args.out) / f"{stamp}-{len(distilled)}"
-            ctx.cfg, ctx.timings = cfg.replace(out=str(syn)), {}
             pipeline.run_distill(cfg.replace(out=str(syn)), ctx=ctx)
             distilled[dkey] = str(syn)
         syn = distilled[dkey]
-        ctx.timings = {}
         if labels == "dbr" and not (Path(syn) / "labels_dbr.safetensors").exists():
             pipeline.run_relabel(cfg, syn, "dbr", ctx=ctx)
         t0 = time.perf_counter()
