@@ -17,6 +17,7 @@ from torchvision.ops import roi_align
 
 # Streams of randomness, so that e.g. discovery boxes never share draws with training augmentation.
 STREAM_DISCOVER, STREAM_AUGMENT, STREAM_ORDER, STREAM_SELECT = 1, 2, 3, 4
+STREAM_NOISE, STREAM_JITTER = 5, 6      # SRe2L's noise init (per class) and its per-step jitter/flip
 
 
 def rng(*key: int) -> np.random.Generator:

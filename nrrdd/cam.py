@@ -43,6 +43,15 @@ def _last_conv(model: nn.Module) -> nn.Module:
     return convs[-1]
 
 
+def require_cam(model: nn.Module, method: str = "auto") -> str:
+    """The kind of CAM ``model`` gets (flatten_linear | gap_linear | gradcam); raises ValueError naming what
+    is missing when it can have none (Grad-CAM without any Conv2d layer)."""
+    kind = cam_kind(model, method)
+    if kind == "gradcam":
+        _last_conv(model)
+    return kind
+
+
 def class_activation_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "auto",
                          size: tuple[int, int] | None = None) -> torch.Tensor:
     """CAM of ``model`` for classes ``y`` on images ``x`` [B, C, H, W]; returns [B, H, W] (>= 0, raw scale).

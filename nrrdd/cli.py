@@ -1,6 +1,10 @@
 """``nrrdd`` command line. Every RunConfig field is a flag (``--nrr-eps 0.5``); RDED's flag names are aliases.
 
 Precedence: RunConfig defaults, then ``--config FILE`` (JSON), then flags.
+
+Methods (``--method``): nrrdd, rded, random, sre2l. Models (``--arch``, ``--student``): a registered name, a
+torchvision classifier, or your own class as ``package.module:ClassName`` with ``--arch-kwargs`` /
+``--student-kwargs`` (a JSON object of constructor arguments).
 """
 from __future__ import annotations
 
@@ -19,6 +23,23 @@ ALIASES = {
 }
 
 
+# What a flag means, where its default alone does not say it.
+HELP = {
+    "method": "nrrdd (CIDD + NRR) | rded | random | sre2l (Gaussian noise + unmasked synthesis with jitter/flip)",
+    "arch": "teacher: registered name (conv3, resnet18_modified), torchvision classifier (resnet18), or your own "
+            "nn.Module as package.module:ClassName (importable: installed or on PYTHONPATH)",
+    "arch_kwargs": "JSON object of constructor kwargs for --arch, e.g. '{\"width\": 64}'; num_classes is added "
+                   "when the constructor has that parameter",
+    "student": "student architecture, same forms as --arch",
+    "student_kwargs": "JSON object of constructor kwargs for --student",
+    "teacher": "teacher checkpoint: a state_dict or {\"model\": state_dict}",
+    "refine": "stage 2 on/off; None: on for nrrdd and sre2l, off for rded and random",
+    "sre2l_iterations": "method sre2l: optimisation steps per batch (uses --nrr-lr, --nrr-betas, --a-bn)",
+    "sre2l_jitter": "method sre2l: each step roll the teacher's input by up to this many px (per axis)",
+    "sre2l_flip": "method sre2l: each step flip the teacher's input with p 0.5; None: on, except for mnist",
+}
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run configuration (see nrrdd/config.py for meanings and defaults)")
     g.add_argument("--config", help="JSON file of config values (flags override it)")
@@ -28,7 +49,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         names = [flag] + ALIASES.get(f.name, [])
         default = f.default if f.default is not MISSING else None
         tp = hints[f.name]
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {default!r}")
+        text = f"default: {default!r}"
+        if f.name in HELP:
+            text = f"{HELP[f.name]} ({text})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
         if tp in (bool, typing.Optional[bool]):
             g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -67,12 +91,16 @@ def _print(obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nrrdd", description="NRR-DD dataset distillation (with RDED and SRe2L).")
+    parser = argparse.ArgumentParser(prog="nrrdd", description="NRR-DD dataset distillation (with RDED and SRe2L).",
+                                     epilog="Your own teacher or student: --arch package.module:ClassName "
+                                            "[--arch-kwargs JSON] (see `nrrdd distill --help`).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-teacher", help="train a teacher on the real training split; report test top-1")
+    p = sub.add_parser("train-teacher", help="train a teacher (--arch, your own package.module:ClassName too) on "
+                                             "the real training split; report test top-1")
     _add_config_flags(p)
-    p = sub.add_parser("distill", help="stage 1 (+ stage 2): write a synthetic set to --out")
+    p = sub.add_parser("distill", help="stage 1 (+ stage 2): write a synthetic set to --out "
+                                       "(--method nrrdd | rded | random | sre2l)")
     _add_config_flags(p)
     p = sub.add_parser("relabel", help="stored labels (dbr or soft) for the synthetic set in --syn")
     p.add_argument("--syn", help="distill output folder (default: --out)")

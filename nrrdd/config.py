@@ -25,12 +25,14 @@ class RunConfig:
     seed: int = 0
 
     # --- models -----------------------------------------------------------------------------------
-    arch: str = "conv3"                 # teacher architecture (registry name)
-    student: str = "conv3"              # student architecture
+    arch: str = "conv3"                 # teacher: registry name, torchvision name, or package.module:ClassName
+    arch_kwargs: str = "{}"             # JSON object: constructor kwargs of --arch (num_classes added if accepted)
+    student: str = "conv3"              # student architecture (same forms as arch)
+    student_kwargs: str = "{}"          # JSON object: constructor kwargs of --student
     teacher: str | None = None          # teacher checkpoint path ({"model": state_dict} or a state_dict)
 
     # --- stage 1: discovery ---------------------------------------------------------------------------
-    method: str = "nrrdd"               # nrrdd (CIDD + NRR) | rded | random
+    method: str = "nrrdd"               # nrrdd (CIDD + NRR) | rded | random | sre2l (noise + unmasked synthesis)
     ipc: int = 10
     mipc: int = 300                     # real candidate images per class
     num_crop: int = 5
@@ -41,7 +43,7 @@ class RunConfig:
     discover_batch_size: int = 256
 
     # --- stage 2: refinement (NRR) ------------------------------------------------------------------
-    refine: bool | None = None          # None: on for nrrdd, off for rded/random (rded+refine = ablation)
+    refine: bool | None = None          # None: on for nrrdd and sre2l, off for rded/random (rded+refine = ablation)
     nrr_eps: float = 0.5                # M = max(0, eps - CAM) [default]
     nrr_iterations: int = 500           # [default]
     nrr_lr: float = 0.25                # Adam on pixels, SRe2L's settings [default]
@@ -51,6 +53,12 @@ class RunConfig:
     first_bn_multiplier: float = 10.0
     mask_every: int = 0                 # 0: mask fixed from the start [default]; k: recompute every k steps
     refine_batch_size: int = 100
+
+    # --- SRe2L synthesis (method sre2l): noise init, then the refinement loop unmasked ----------------
+    # Adam lr/betas/eps, a_bn, first_bn_multiplier and refine_batch_size are the nrr_* / shared fields above.
+    sre2l_iterations: int = 1000        # SRe2L's recover iterations
+    sre2l_jitter: int = 4               # each step the batch is rolled by (dy, dx), each uniform in [0, jitter] px
+    sre2l_flip: bool | None = None      # each step the batch is flipped horizontally with p 0.5; None: off for mnist
 
     # --- stage 3: relabel + student training --------------------------------------------------------
     labels: str = "online"              # online | soft | dbr | hard
@@ -85,7 +93,13 @@ class RunConfig:
     def resolved_refine(self) -> bool:
         if self.refine is not None:
             return self.refine
-        return self.method == "nrrdd"
+        return self.method in ("nrrdd", "sre2l")
+
+    def resolved_sre2l_flip(self) -> bool:
+        """Flip during SRe2L synthesis as the teacher was trained: not for MNIST digits (train-teacher)."""
+        if self.sre2l_flip is not None:
+            return self.sre2l_flip
+        return self.dataset != "mnist"
 
     def resolved_batch_size(self, num_classes: int) -> int:
         """RDED's student batch size rule, capped at the synthetic set size."""

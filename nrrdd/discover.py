@@ -5,6 +5,9 @@
   crops; per class the ``ipc * factor**2`` most confident.
 - ``nrrdd`` (CIDD): per image the crop with the highest CAM ratio (CAM mass inside the box / whole image);
   per class the ``ipc * factor**2`` *least* confident of those ("high CAM ratio, low confidence").
+- ``sre2l`` (SRe2L): no real image and no teacher: ``ipc`` whole images per class of standard Gaussian noise
+  in normalised space, drawn from ``rng(seed, STREAM_NOISE, class)`` and clamped to the valid pixel range;
+  stage 2 then synthesises them (unmasked, with jitter and flip).
 
 Candidates stream through in batches and only (score, image, box) is kept per candidate, so memory stays
 flat as ``mipc`` grows; the chosen patches are cut again at the end.
@@ -17,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .augment import STREAM_DISCOVER, STREAM_SELECT, crop_resize, pad_to, random_resized_boxes, rng, stitch
+from .augment import (STREAM_DISCOVER, STREAM_NOISE, STREAM_SELECT, crop_resize, pad_to, random_resized_boxes, rng,
+                      stitch)
 from .cam import class_activation_map
 from .data import ImageSet, Normalizer
 from .runtime import autocast, progress
@@ -87,11 +91,27 @@ def score_candidates(method: str, teacher: nn.Module, x: torch.Tensor, c: int, b
     raise ValueError(f"unknown discovery method {method!r}")
 
 
+def noise_init(n_classes: int, ipc: int, channels: int, size: int, seed: int, normalizer: Normalizer) -> Discovery:
+    """SRe2L's starting point: N(0, 1) noise in normalised space, ``ipc`` images per class, class c drawn from
+    ``rng(seed, STREAM_NOISE, c)`` (so a class's images do not depend on the number of classes), clamped
+    to the images of pixel values 0 and 1 and returned in pixel units like every :class:`Discovery`."""
+    lo, hi = normalizer.lo.view(1, -1, 1, 1), normalizer.hi.view(1, -1, 1, 1)
+    images, sources = [], []
+    for c in range(n_classes):
+        z = torch.from_numpy(rng(seed, STREAM_NOISE, c).standard_normal((ipc, channels, size, size))).float()
+        images.append(normalizer.inverse(torch.maximum(torch.minimum(z, hi), lo)).clamp_(0, 1))
+        sources += [{"class": c, "init": "gaussian noise", "slot": [i, 0]} for i in range(ipc)]
+    labels = torch.arange(n_classes).repeat_interleave(ipc)
+    return Discovery(torch.cat(images), labels, sources)
+
+
 def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
              mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
              keep: str = "low", batch_size: int = 256, device: torch.device | str = "cpu",
              precision: str = "fp32", show_progress: bool = True) -> Discovery:
     """Run stage 1 for every class; returns stitched images in pixel units (see :class:`Discovery`)."""
+    if method == "sre2l":
+        return noise_init(len(train.classes), ipc, train.channels, train.size, seed, normalizer)
     S = train.size
     s = S // factor
     n_patch = ipc * factor * factor

@@ -1,10 +1,25 @@
 """Model registry. The CLI and configs name models; weights come only from local files.
 
+A model name is one of:
+- a registered name (``conv3`` .. ``conv6``, ``resnet18_modified``);
+- any torchvision classifier (``resnet18``, ``mobilenet_v2``, ...), random init, nothing downloaded;
+- an import path ``package.module:ClassName`` to your own ``nn.Module`` classifier. It is constructed as
+  ``ClassName(**kwargs)`` (``--arch-kwargs`` / ``--student-kwargs``, a JSON object), with
+  ``num_classes=<the dataset's class count>`` added when the constructor has a parameter named
+  ``num_classes`` (and kwargs do not already set it). Channels and image size are not passed: set them in
+  the kwargs if your class needs them. The module must be importable (installed, or on ``PYTHONPATH``).
+
+Every built model is checked by one forward pass of a zero image ``[1, channels, size, size]``: it must
+return logits ``[1, num_classes]``, or building fails with an error that names the model.
+
 Parameter names follow RDED / SRe2L, so their checkpoints (``{"model": state_dict}``) load unchanged:
 RDED's ConvNet keeps ``layers.conv.N``, ``layers.norm.N`` and ``classifier``; ResNets are torchvision's.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -87,16 +102,116 @@ def resnet18_modified(num_classes: int, channels: int = 3, input_size: int = 32)
     return m
 
 
-def build_model(name: str, num_classes: int, channels: int = 3, input_size: int = 224) -> nn.Module:
-    """Build a registered model, or any torchvision classifier by its name (random init, no download)."""
-    if name in MODELS:
-        return MODELS[name](num_classes, channels=channels, input_size=input_size)
+def parse_model_kwargs(kwargs: str | dict | None, flag: str = "--arch-kwargs") -> dict:
+    """Constructor keyword arguments from a JSON object string (the config's form) or a dict."""
+    if kwargs is None or kwargs == "":
+        return {}
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{flag} {kwargs!r} is not valid JSON ({e}); expected an object, "
+                             "e.g. '{\"width\": 64}'") from e
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{flag} must be a JSON object (keyword arguments), not {type(kwargs).__name__}: {kwargs!r}")
+    return dict(kwargs)
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def _import_attr(path: str):
+    """The object named by ``package.module:Name`` (``Name`` may be dotted: ``Outer.Inner``)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model {path!r}: an import path is written package.module:ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ValueError(f"model {path!r}: module {module_name!r} is not importable (no module named "
+                             f"{e.name!r}); install it or put its folder on PYTHONPATH "
+                             "(e.g. `PYTHONPATH=. nrrdd ...`)") from e
+        raise ValueError(f"model {path!r}: importing module {module_name!r} failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any error while importing user code names the module
+        raise ValueError(f"model {path!r}: importing module {module_name!r} failed: {type(e).__name__}: {e}") from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            found = sorted(n for n, v in vars(module).items()
+                           if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__)
+            raise ValueError(f"model {path!r}: module {module_name!r} has no {attr!r}; nn.Module classes "
+                             f"defined there: {found}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build_imported(path: str, num_classes: int, kwargs: dict) -> nn.Module:
+    cls = _import_attr(path)
+    if not callable(cls):
+        raise ValueError(f"model {path!r} is a {type(cls).__name__}, not a class")
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "num_classes" in params and "num_classes" not in kwargs:
+        kwargs = {**kwargs, "num_classes": num_classes}
+    try:
+        model = cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - a failing constructor names the class and its arguments
+        raise ValueError(f"model {path!r}: {_call_text(path, kwargs)} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {path!r}: {_call_text(path, kwargs)} returned a {type(model).__name__}, "
+                         "not an nn.Module")
+    return model
+
+
+def _call_text(path: str, kwargs: dict) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"{path.partition(':')[2]}({args})"
+
+
+def build_model(name: str, num_classes: int, channels: int = 3, input_size: int = 224,
+                kwargs: str | dict | None = None) -> nn.Module:
+    """Build a registered model, any torchvision classifier by its name (random init, no download), or a
+    class given as ``package.module:ClassName``, and check its output size with one zero image.
+
+    ``kwargs``: constructor keyword arguments (dict or JSON object string), for import paths and
+    torchvision models; registered models take none.
+    """
+    kw = parse_model_kwargs(kwargs, f"constructor kwargs of model {name!r} (--arch-kwargs / --student-kwargs)")
     builders = torchvision.models.list_models(module=torchvision.models)
-    if name in builders:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        return _first_conv_channels(model, channels)
-    raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}; or any torchvision classifier "
-                     f"(e.g. resnet18, resnet50, mobilenet_v2)")
+    if is_import_path(name):
+        model = _build_imported(name, num_classes, kw)
+    elif name in MODELS:
+        if kw:
+            raise ValueError(f"registered model {name!r} takes no constructor kwargs (got {kw})")
+        model = MODELS[name](num_classes, channels=channels, input_size=input_size)
+    elif name in builders:
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+        except TypeError as e:
+            raise ValueError(f"torchvision model {name!r} does not accept kwargs {kw}: {e}") from e
+        model = _first_conv_channels(model, channels)
+    else:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}; or any torchvision classifier "
+                         f"(e.g. resnet18, resnet50, mobilenet_v2); or your own class as package.module:ClassName")
+    check_outputs(model, name, num_classes, channels, input_size)
+    return model
+
+
+def check_outputs(model: nn.Module, name: str, num_classes: int, channels: int, input_size: int) -> None:
+    """Raise ValueError unless ``model`` maps one zero image [1, channels, size, size] to [1, num_classes]."""
+    try:
+        out = _dry_forward(model, channels, input_size)
+    except Exception as e:  # noqa: BLE001 - a failing forward names the model and the input it got
+        raise ValueError(f"model {name!r} fails on one zero image of shape [1, {channels}, {input_size}, "
+                         f"{input_size}] (the dataset's channels and size): {type(e).__name__}: {e}") from e
+    k = _logit_count(out, name)
+    if k != num_classes:
+        raise ValueError(f"model {name!r} outputs {k} values per image but the dataset has {num_classes} "
+                         "classes (a classifier must return logits [batch, num_classes])")
 
 
 def extract_state_dict(obj) -> dict[str, torch.Tensor]:
@@ -113,23 +228,42 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     return obj
 
 
-def num_outputs(model: nn.Module, channels: int, input_size: int) -> int:
+def _dry_forward(model: nn.Module, channels: int, input_size: int):
     was = model.training
     model.eval()
-    with torch.no_grad():
-        p = next(model.parameters())
-        out = model(torch.zeros(1, channels, input_size, input_size, device=p.device, dtype=p.dtype))
-    model.train(was)
-    return out.shape[-1]
+    p = next(model.parameters(), None)
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, channels, input_size, input_size, device=device, dtype=dtype))
+    finally:
+        model.train(was)
 
 
-def load_model(name: str, path: str | Path, num_classes: int, channels: int, input_size: int) -> nn.Module:
-    """Build ``name`` and load weights from a local checkpoint, checking its class count."""
+def _logit_count(out, name: str) -> int:
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"model {name!r} returns a {type(out).__name__}; nrrdd needs a tensor of logits "
+                         "[batch, num_classes]")
+    if out.ndim != 2 or out.shape[0] != 1:
+        raise ValueError(f"model {name!r} returns shape {list(out.shape)} for one image; nrrdd needs logits "
+                         "[batch, num_classes]")
+    return out.shape[1]
+
+
+def num_outputs(model: nn.Module, channels: int, input_size: int) -> int:
+    """The number of logits ``model`` returns for one zero image (a dry forward in eval mode)."""
+    return _logit_count(_dry_forward(model, channels, input_size), type(model).__name__)
+
+
+def load_model(name: str, path: str | Path, num_classes: int, channels: int, input_size: int,
+               kwargs: str | dict | None = None) -> nn.Module:
+    """Build ``name`` (with constructor ``kwargs``) and load weights from a local checkpoint (a state_dict
+    or ``{"model": state_dict}``), checking its class count."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"teacher checkpoint {path} does not exist (train one with `nrrdd train-teacher`)")
     sd = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model = build_model(name, num_classes, channels, input_size)
+    model = build_model(name, num_classes, channels, input_size, kwargs)
     head = [k for k, v in sd.items() if v.ndim == 2]
     if head:
         out = sd[head[-1]].shape[0]

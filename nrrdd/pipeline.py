@@ -1,5 +1,10 @@
 """The stages as runs with inputs and outputs on disk: train-teacher, distill, relabel, evaluate.
 
+distill per method: ``nrrdd`` CIDD discovery + masked refinement (NRR); ``rded`` RDED's discovery (refinement
+off unless ``--refine``); ``random`` real images; ``sre2l`` Gaussian noise + unmasked refinement with SRe2L's
+jitter and flip (``sre2l_*`` fields). Teachers and students may be any model ``nrrdd.models.build_model``
+accepts, your own ``package.module:ClassName`` included.
+
 Each writes its config and a manifest (versions, seed, teacher hash, dataset fingerprint) next to its
 outputs and refuses to overwrite existing outputs.
 
@@ -14,6 +19,7 @@ Output layout of a distill run (``--out DIR``)::
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,12 +28,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .cam import require_cam
 from .config import RunConfig
 from .data import Splits, load_splits
 from .discover import discover
 from .io import (atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json, file_sha256,
                  load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
-from .models import build_model, load_model
+from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine
 from .relabel import load_labels, relabel, save_labels
 from .runtime import resolve_device, resolve_precision, set_threads
@@ -101,7 +108,7 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     ckpt = out / "teacher.pt"
     refuse_overwrite(ckpt, "a teacher checkpoint")
     sp = ctx.splits
-    model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size)
+    model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
     with _timed(ctx, "train"):
         train_teacher(model, sp.train, sp.normalizer, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
                       batch_size=cfg.teacher_batch_size, seed=cfg.seed, flip=cfg.dataset != "mnist",
@@ -110,9 +117,9 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
         test = evaluate(model, sp.test, sp.normalizer, device=ctx.device, precision=ctx.precision)
         val = evaluate(model, sp.val, sp.normalizer, device=ctx.device, precision=ctx.precision)
     atomic_torch_save(ckpt, {"model": {k: v.cpu() for k, v in model.state_dict().items()}})
-    meta = {"arch": cfg.arch, "dataset": cfg.dataset, "classes": sp.classes, "channels": sp.channels,
-            "input_size": sp.size, "test_top1": test, "val_top1": val, "epochs": cfg.teacher_epochs,
-            "dataset_fingerprint": sp.fingerprint(), "sha256": file_sha256(ckpt)}
+    meta = {"arch": cfg.arch, "arch_kwargs": parse_model_kwargs(cfg.arch_kwargs), "dataset": cfg.dataset,
+            "classes": sp.classes, "channels": sp.channels, "input_size": sp.size, "test_top1": test, "val_top1": val,
+            "epochs": cfg.teacher_epochs, "dataset_fingerprint": sp.fingerprint(), "sha256": file_sha256(ckpt)}
     atomic_write_json(teacher_meta_path(ckpt), meta)
     cfg.replace(teacher=str(ckpt)).save(out / "config_teacher.json")
     write_manifest(out, stage="train_teacher", config=cfg.to_dict(), **_provenance(ctx),
@@ -132,10 +139,13 @@ def load_teacher(ctx: Context) -> torch.nn.Module:
                              f"dataset's class order is {sp.classes[:5]}...")
         if meta.get("arch") and meta["arch"] != cfg.arch:
             raise ValueError(f"teacher {cfg.teacher} is a {meta['arch']!r}, but --arch is {cfg.arch!r}")
+        if "arch_kwargs" in meta and meta["arch_kwargs"] != parse_model_kwargs(cfg.arch_kwargs):
+            raise ValueError(f"teacher {cfg.teacher} was built with --arch-kwargs {json.dumps(meta['arch_kwargs'])}, "
+                             f"but --arch-kwargs is {cfg.arch_kwargs}")
         if meta.get("dataset_fingerprint") not in (None, sp.fingerprint()):
             warnings.warn(f"teacher {cfg.teacher} was trained on another split of the data (different "
                           "--val-per-class, --train-limit or files): it may have seen this run's validation images")
-    model = load_model(cfg.arch, cfg.teacher, len(sp.classes), sp.channels, sp.size)
+    model = load_model(cfg.arch, cfg.teacher, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
     model.to(ctx.device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -143,12 +153,29 @@ def load_teacher(ctx: Context) -> torch.nn.Module:
 
 
 # --- distill -------------------------------------------------------------------------------------------
+METHODS = ("nrrdd", "rded", "random", "sre2l")
+
+
 def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None = None) -> dict:
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    sre2l = cfg.method == "sre2l"
+    if sre2l and not cfg.resolved_refine():
+        raise ValueError("method sre2l synthesises its images by refinement from noise: --no-refine would "
+                         "leave pure noise")
     ctx = make_context(cfg, like=ctx)
     out = Path(cfg.out)
     refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
     sp = ctx.splits
     teacher = load_teacher(ctx) if (cfg.method != "random" or cfg.resolved_refine()) else None
+    needs_cam = cfg.method == "nrrdd" or (cfg.resolved_refine() and not sre2l)
+    if needs_cam:
+        try:
+            require_cam(teacher, cfg.cam)
+        except ValueError as e:
+            raise ValueError(f"teacher --arch {cfg.arch!r} cannot give the CAM that method {cfg.method!r} needs "
+                             f"({'discovery and ' if cfg.method == 'nrrdd' else ''}refinement mask): {e}. "
+                             "Use a convolutional teacher, or --method rded / sre2l (no CAM)") from e
     with _timed(ctx, "discover"):
         d = discover(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
                      num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
@@ -160,10 +187,13 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     if refined:
         with _timed(ctx, "refine"):
             r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
-                       iterations=cfg.nrr_iterations, eps=cfg.nrr_eps, lr=cfg.nrr_lr, betas=cfg.nrr_betas,
-                       adam_eps=cfg.nrr_adam_eps, a_bn=cfg.a_bn, first_bn_multiplier=cfg.first_bn_multiplier,
-                       mask_every=cfg.mask_every, batch_size=cfg.refine_batch_size, cam=cfg.cam,
-                       precision=ctx.precision, device=ctx.device, show_progress=show_progress)
+                       iterations=cfg.sre2l_iterations if sre2l else cfg.nrr_iterations, eps=cfg.nrr_eps,
+                       lr=cfg.nrr_lr, betas=cfg.nrr_betas, adam_eps=cfg.nrr_adam_eps, a_bn=cfg.a_bn,
+                       first_bn_multiplier=cfg.first_bn_multiplier, mask_every=cfg.mask_every,
+                       batch_size=cfg.refine_batch_size, masked=not sre2l, cam=cfg.cam,
+                       jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(),
+                       seed=cfg.seed, precision=ctx.precision, device=ctx.device, show_progress=show_progress,
+                       desc="synthesise[sre2l]" if sre2l else "refine")
         images, masks = r.images, r.masks
     with _timed(ctx, "write"):
         write_synthetic(out, images, d.labels, masks, sp)
@@ -228,7 +258,8 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     ``validation_only``, as when tuning) on the test split."""
     ctx = make_context(cfg, like=ctx)
     sp = ctx.splits
-    tag = f"{label_mode}_{cfg.student}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
+    student_tag = re.sub(r"[^\w.-]", ".", cfg.student)        # package.module:Class -> package.module.Class
+    tag = f"{label_mode}_{student_tag}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
     out = Path(syn_dir) / f"eval_{tag}.json"
     refuse_overwrite(out, "an evaluation result")
     images, labels, _, meta = read_synthetic(syn_dir)
@@ -245,7 +276,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
         label_bytes = label_file.stat().st_size
     teacher = load_teacher(ctx) if label_mode == "online" else None
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg.student, len(sp.classes), sp.channels, sp.size)
+    student = build_model(cfg.student, len(sp.classes), sp.channels, sp.size, cfg.student_kwargs)
     with _timed(ctx, "train"):
         train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
                       batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed, factor=ctx.factor,

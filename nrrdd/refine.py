@@ -4,6 +4,12 @@ For a batch of images x with labels y:
   C = CAM of the teacher for y on x, min-max normalised; M = max(0, eps - C), fixed [default] or recomputed
   every ``mask_every`` steps; L = CE(T(x), y) + a_bn * L_bn; masked Adam step (``nrrdd.kernels.MaskedAdam``)
   with the mask on the *step*, then a clamp to the images of pixel values 0 and 1.
+
+SRe2L synthesis is the same loop with ``masked=False`` (every pixel moves) and SRe2L's input augmentation:
+each step the teacher sees the batch rolled by (dy, dx), each uniform in [0, ``jitter``] px (circular
+``torch.roll``, as SRe2L's recover code), and with ``flip`` mirrored horizontally with probability 0.5, one
+draw per step for the whole batch from ``rng(seed, STREAM_JITTER, batch)``. The optimised images themselves
+are never shifted; the gradient flows back through the roll and flip.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 
 from nrrdd.kernels import MaskedAdam
 
+from .augment import STREAM_JITTER, rng
 from .cam import class_activation_map, nrr_mask
 from .runtime import autocast, progress
 
@@ -68,12 +75,15 @@ def cosine_lr(step: int, total: int) -> float:
 def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
            iterations: int = 500, eps: float = 0.5, lr: float = 0.25, betas=(0.5, 0.9), adam_eps: float = 1e-8,
            a_bn: float = 0.01, first_bn_multiplier: float = 10.0, mask_every: int = 0, batch_size: int = 100,
-           masked: bool = True, cam: str = "auto", precision: str = "fp32", device="cpu",
-           show_progress: bool = True, desc: str = "refine") -> RefineResult:
+           masked: bool = True, cam: str = "auto", jitter: int = 0, flip: bool = False, seed: int = 0,
+           precision: str = "fp32", device="cpu", show_progress: bool = True, desc: str = "refine") -> RefineResult:
     """Refine normalised ``images`` [N, C, H, W] in batches; returns new tensors (inputs are not modified).
 
-    ``masked=False`` optimises every pixel (SRe2L-style synthesis, or an unmasked ablation).
+    ``masked=False`` optimises every pixel (SRe2L-style synthesis, or an unmasked ablation). ``jitter`` (px)
+    and ``flip`` augment the teacher's input each step (SRe2L); off by default. ``seed`` keys their draws.
     """
+    if jitter < 0:
+        raise ValueError(f"jitter must be >= 0 px, got {jitter}")
     device = torch.device(device)
     teacher.eval()
     for p in teacher.parameters():
@@ -88,9 +98,10 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
         bar = progress(range(0, len(order), batch_size), desc=desc, enable=show_progress)
         for start in bar:
             idx = order[start:start + batch_size]
+            views = _input_views(iterations, jitter, flip, seed, start // batch_size)
             x, m, last = _refine_batch(teacher, bn_loss, images[idx].to(device), labels[idx].to(device), lo, hi,
                                        iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked, cam,
-                                       precision)
+                                       precision, views)
             out.append((idx, x.cpu(), m.cpu()))
     finally:
         bn_loss.remove()
@@ -110,8 +121,18 @@ def _rank_within_class(labels: torch.Tensor) -> torch.Tensor:
     return rank
 
 
+def _input_views(iterations: int, jitter: int, flip: bool, seed: int, batch: int):
+    """Per step (dy, dx, flip) of the teacher's input, or None when neither jitter nor flip is on."""
+    if not jitter and not flip:
+        return None
+    g = rng(seed, STREAM_JITTER, batch)
+    shifts = g.integers(0, jitter + 1, size=(iterations, 2))
+    flips = g.random(iterations) < 0.5 if flip else [False] * iterations
+    return [(int(dy), int(dx), bool(f)) for (dy, dx), f in zip(shifts, flips)]
+
+
 def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked,
-                  cam, precision):
+                  cam, precision, views=None):
     def mask_of(x):
         if not masked:
             return torch.ones(x.shape[0], 1, *x.shape[-2:], device=x.device)
@@ -131,8 +152,15 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
             mask = mask_of(x)
             opt.set_mask(mask)
         opt.zero_grad(set_to_none=True)
+        xin = x
+        if views is not None:
+            dy, dx, f = views[it]
+            if dy or dx:
+                xin = torch.roll(xin, shifts=(dy, dx), dims=(2, 3))
+            if f:
+                xin = xin.flip(-1)
         with autocast(x.device, precision):
-            logits = teacher(x)
+            logits = teacher(xin)
         loss = F.cross_entropy(logits.float(), y) + a_bn * bn_loss.pop()
         if not torch.isfinite(loss):
             raise NonFiniteError(f"refinement loss is {loss.item()} at step {it} (classes {sorted(set(y.tolist()))})")
