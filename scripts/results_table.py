@@ -45,10 +45,10 @@ def main() -> None:
                 cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
                 times = {}
                 if not (syn / "synthetic.safetensors").exists():
-                                times.update(pipeline.run_distill(cfg, ctx=ctx)["timings"])
+                    times.update(pipeline.run_distill(cfg, ctx=ctx)["timings"])
                 if labels in ("dbr", "soft") and not (syn / f"labels_{labels}.safetensors").exists():
-                                times.update(pipeline.run_relabel(cfg, syn, labels, ctx=ctx)["timings"])
-                        t0 = time.perf_counter()
+                    times.update(pipeline.run_relabel(cfg, syn, labels, ctx=ctx)["timings"])
+                t0 = time.perf_counter()
                 r = pipeline.run_evaluate(cfg, syn, labels, ctx=ctx)
                 data["runs"].append({"ipc": ipc, "seed": seed, "method": method, "labels": labels,
                                      "epochs": args.epochs, "test_top1": r["test_top1"], "val_top1": r["val_top1"],
