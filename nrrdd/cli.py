@@ -115,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes, not accurate)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of rows, e.g. nrrdd:online rded:online")
     _add_config_flags(p)
+    p = sub.add_parser("compare", help="methods x label modes x IPC x seeds: one table (mean ± std over seeds) and "
+                                       "one image sheet; continues an earlier --results file")
+    p.add_argument("--rows", nargs="+", default=None, metavar="METHOD:LABELS",
+                   help="e.g. nrrdd:online nrrdd:dbr rded:online random:online sre2l:soft (default: the demo's rows "
+                        "random, rded, nrrdd with online labels, nrrdd with dbr and hard)")
+    p.add_argument("--ipcs", type=int, nargs="+", default=None, help="images per class, e.g. 1 10 50 (default: --ipc)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="e.g. 0 1 2 (default: --seed)")
+    p.add_argument("--results", default=None,
+                   help="results JSON, continued when it exists; the table goes beside it as .md "
+                        "(default: <out>/compare.json)")
+    _add_config_flags(p)
     p = sub.add_parser("show-config", help="print the resolved config as JSON")
     _add_config_flags(p)
 
@@ -142,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["relabel"] = pipeline.run_relabel(cfg, cfg.out, cfg.labels, ctx=ctx)
             res["evaluate"] = pipeline.run_evaluate(cfg, cfg.out, cfg.labels, ctx=ctx)
             _print(res)
+        elif ns.command == "compare":
+            _compare(cfg, ns)
         elif ns.command == "demo":
             from .demo import run_demo
 
@@ -150,6 +163,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nrrdd {ns.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _compare(cfg: RunConfig, ns: argparse.Namespace) -> None:
+    from .compare import DEFAULT_ROWS, run_compare
+
+    if not cfg.teacher:
+        raise ValueError("--teacher is required: train one with `nrrdd train-teacher --out DIR` (then --teacher "
+                         "DIR/teacher.pt), or run `nrrdd demo` once (it keeps its teacher in runs/teachers/)")
+    if "out" not in _explicit(ns) and cfg.out == RunConfig().out:
+        cfg = cfg.replace(out="runs/compare")
+
+    def report(r: dict) -> None:
+        print(f"ipc {r['ipc']} seed {r['seed']} {r['method']:<6} {r['labels']:<6} test top-1 {r['test_top1']:.2f}%",
+              flush=True)
+
+    res = run_compare(cfg, ns.rows or DEFAULT_ROWS, ns.ipcs or [cfg.ipc], ns.seeds or [cfg.seed], ns.results,
+                      on_result=report)
+    print()
+    print(res.markdown, end="")
+    print(f"\nresults {res.results}, table {res.results.with_suffix('.md')}"
+          + (f", image sheet {res.sheet}" if res.sheet else ""))
 
 
 def _explicit(ns: argparse.Namespace) -> set[str]:

@@ -77,6 +77,12 @@ def atomic_save_image(path: str | Path, image, **kwargs) -> Path:
     return _atomic(path, lambda tmp: image.save(tmp, format=fmt, **kwargs))
 
 
+def atomic_save_figure(path: str | Path, fig, **kwargs) -> Path:
+    """Save a matplotlib figure atomically; the format comes from the final suffix."""
+    fmt = Path(path).suffix.lstrip(".").lower()
+    return _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

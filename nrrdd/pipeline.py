@@ -258,8 +258,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     ``validation_only``, as when tuning) on the test split."""
     ctx = make_context(cfg, like=ctx)
     sp = ctx.splits
-    student_tag = re.sub(r"[^\w.-]", ".", cfg.student)        # package.module:Class -> package.module.Class
-    tag = f"{label_mode}_{student_tag}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
+    tag = eval_tag(cfg, label_mode)
     out = Path(syn_dir) / f"eval_{tag}.json"
     refuse_overwrite(out, "an evaluation result")
     images, labels, _, meta = read_synthetic(syn_dir)
@@ -296,6 +295,12 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     atomic_write_json(out, result)
     write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(), **_provenance(ctx), results=result)
     return result
+
+
+def eval_tag(cfg: RunConfig, label_mode: str) -> str:
+    """Names an evaluation of a synthetic set: ``<syn>/eval_<tag>.json``, one per label mode, student and seed."""
+    student_tag = re.sub(r"[^\w.-]", ".", cfg.student)        # package.module:Class -> package.module.Class
+    return f"{label_mode}_{student_tag}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
 
 
 def label_storage_bytes(n: int, epochs: int, classes: int, mode: str) -> int:

@@ -4,47 +4,22 @@ The data are synthetic but learnable (one bright blob per class, at a class-depe
 written as MNIST-style IDX files, so a LeNet teacher learns them in a second. ``tests/lenet.py`` is the
 user's model module: no BatchNorm, no global pooling, one input channel.
 """
-import gzip
 import json
-import math
-import struct
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from blobs import write_blobs
 
 from nrrdd.cli import main
 
 TESTS = Path(__file__).parent
 
 
-def _write_idx(path, arr):
-    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.numpy().tobytes())
-
-
-def _blobs(n, g):
-    """n 28 px images, class c = a Gaussian blob (sigma 2.5 px) at angle 36c deg on a circle, +-1 px, on noise."""
-    y = torch.arange(n) % 10
-    angle = 2 * math.pi * y.float() / 10
-    cy = 13.5 + 9 * torch.sin(angle) + torch.randint(-1, 2, (n,), generator=g)
-    cx = 13.5 + 9 * torch.cos(angle) + torch.randint(-1, 2, (n,), generator=g)
-    r = torch.arange(28).float()
-    d2 = (r.view(1, 28, 1) - cy.view(n, 1, 1)) ** 2 + (r.view(1, 1, 28) - cx.view(n, 1, 1)) ** 2
-    img = 200 * torch.exp(-d2 / (2 * 2.5 ** 2)) + 60 * torch.rand(n, 28, 28, generator=g)
-    return img.clamp(0, 255).to(torch.uint8), y.to(torch.uint8)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("blobs")
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 1500), ("t10k", 300)):
-        x, y = _blobs(n, g)
-        _write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
-        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", y)
+    root = write_blobs(tmp_path_factory.mktemp("blobs"))
     # mnist: digits-like data, so neither the teacher nor SRe2L's synthesis flips images
     return ["--dataset", "mnist", "--data-root", str(root), "--val-per-class", "5", "--threads", "1"]
 

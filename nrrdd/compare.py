@@ -1,0 +1,215 @@
+"""``nrrdd compare``: methods x label modes x IPC x seeds in one command, one table, one image sheet.
+
+Rows are ``method:labels`` (``nrrdd:dbr``, ``rded:online``, ``sre2l:soft`` ...). Each (ipc, seed, method) is
+distilled once into ``<out>/ipc{ipc}_s{seed}_{method}``; each row relabels it when its label mode needs stored
+labels (dbr, soft), trains a student and reports top-1 on the real test split. Results accumulate in a JSON
+file (default ``<out>/compare.json``)::
+
+    {"teacher": "runs/teachers/.../teacher.pt",
+     "runs": [{"ipc", "seed", "method", "labels", "epochs", "test_top1", "val_top1", "label_bytes", "eval_s",
+               and the seconds of the stages that run did itself: "discover", "refine", "write", "relabel"}]}
+
+Re-running continues it: runs already there (same ipc, seed, method, labels, epochs) are skipped. Beside it the
+markdown table (``.md``: rows x IPC, mean ± std over seeds) and ``<out>/sheet_compare.png`` (the first IPC and
+seed: one row of images per method, the same classes in every row).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import pipeline, sheets
+from .config import RunConfig
+from .io import atomic_write_json, atomic_write_text, file_sha256
+
+DEFAULT_ROWS = ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr", "nrrdd:hard"]
+LABEL_MODES = ("online", "soft", "dbr", "hard")
+STORED = ("dbr", "soft")            # label modes read from a `relabel` file
+
+# Settings that leave a synthetic set unchanged: a set on disk distilled under other values is still reused.
+# (The teacher is compared by its hash in the distill manifest, not by its path.)
+NOT_DISTILL = {"labels", "epochs", "batch_size", "lr", "weight_decay", "temperature", "cutmix_alpha", "alpha_dbr",
+               "dbr_distance", "dbr_temperature", "eval_batch_size", "student", "student_kwargs", "teacher",
+               "teacher_epochs", "teacher_lr", "teacher_batch_size", "test_root", "test_limit", "device",
+               "precision", "threads", "out"}
+
+
+@dataclass
+class Cell:
+    """One (ipc, seed, method:labels) of the grid."""
+    record: dict                # its entry in the results file (made now or by an earlier call)
+    syn: Path                   # its synthetic set's folder
+    stage_s: dict[str, float]   # seconds per stage, as the stage files recorded them: discover, refine, write
+                                # (its method's distillation), relabel, train (student training)
+
+
+@dataclass
+class Comparison:
+    results: Path               # the JSON file; the markdown table is results.with_suffix(".md")
+    data: dict                  # its content: {"teacher": str, "runs": [...]}
+    cells: list[Cell]           # the grid asked for, in order ipc, seed, row
+    markdown: str
+    sheet: Path | None
+
+
+def parse_rows(rows: list[str]) -> list[tuple[str, str]]:
+    """``["nrrdd:dbr", ...]`` -> ``[("nrrdd", "dbr"), ...]``, duplicates dropped, order kept."""
+    parsed: list[tuple[str, str]] = []
+    for row in rows:
+        method, sep, labels = row.partition(":")
+        if not sep or method not in pipeline.METHODS or labels not in LABEL_MODES:
+            raise ValueError(f"row {row!r}: expected method:labels with method one of {', '.join(pipeline.METHODS)} "
+                             f"and labels one of {', '.join(LABEL_MODES)} (e.g. nrrdd:dbr)")
+        if (method, labels) not in parsed:
+            parsed.append((method, labels))
+    if not parsed:
+        raise ValueError("no rows to compare: give --rows method:labels ...")
+    return parsed
+
+
+def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[int],
+                results: str | Path | None = None, *, show_progress: bool = True,
+                on_result: Callable[[dict], None] | None = None, sheet: bool = True) -> Comparison:
+    """Distil, relabel and evaluate every (ipc, seed, row) not yet in ``results``; write the table and sheet.
+
+    ``base``: everything but ipc, seed, method, labels (taken from the grid); ``base.out`` holds the synthetic
+    sets. ``on_result(record)`` is called after each new run is saved."""
+    grid_rows = parse_rows(rows)
+    if not ipcs or not seeds:
+        raise ValueError("give at least one IPC (--ipcs) and one seed (--seeds)")
+    if not base.teacher:
+        raise ValueError("no teacher given: pass --teacher PATH (train one with `nrrdd train-teacher`)")
+    if not Path(base.teacher).exists():
+        raise FileNotFoundError(f"teacher {base.teacher} not found (train one with `nrrdd train-teacher`)")
+    out = Path(base.out)
+    path = Path(results) if results else out / "compare.json"
+    data = load_results(path, base.teacher)
+    grid = [(ipc, seed, m, lab) for ipc in ipcs for seed in seeds for m, lab in grid_rows]
+    n_done = sum(_find(data, (ipc, seed, m, lab, base.epochs)) is not None for ipc, seed, m, lab in grid)
+    if n_done:
+        print(f"resuming: {n_done} of {len(grid)} runs are already in {path}")
+    ctx = pipeline.make_context(base)
+    teacher_sha = file_sha256(base.teacher)
+    several = len(ipcs) * len(seeds) > 1
+    cells = []
+    for ipc, seed, method, labels in grid:
+        syn = out / f"ipc{ipc}_s{seed}_{method}"
+        cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
+        record = _find(data, (ipc, seed, method, labels, base.epochs))
+        if record is None:
+            where = f" (IPC {ipc}, seed {seed})" if several else ""
+            record = _run(cfg, syn, path, where, teacher_sha, ctx, show_progress)
+            data["runs"].append(record)
+            atomic_write_json(path, data)
+            if on_result:
+                on_result(record)
+        cells.append(Cell(record, syn, stage_seconds(cfg, syn)))
+    md = markdown(data["runs"], rows=[f"{m}:{lab}" for m, lab in grid_rows], epochs=base.epochs)
+    atomic_write_text(path.with_suffix(".md"), md)
+    sheet_path = None
+    if sheet:
+        sets = {m: out / f"ipc{ipcs[0]}_s{seeds[0]}_{m}" for m, _ in grid_rows}
+        sets = {m: d for m, d in sets.items() if (d / "synthetic.safetensors").exists()}
+        if sets:
+            sheet_path = sheets.method_sheet(sets, out / "sheet_compare.png",
+                                             title=f"first synthetic image per class, IPC {ipcs[0]}, seed {seeds[0]}")
+    return Comparison(path, data, cells, md, sheet_path)
+
+
+def load_results(path: Path, teacher: str) -> dict:
+    """The results file to continue, or a new one. Its runs must come from the same teacher."""
+    if not path.exists():
+        return {"teacher": teacher, "runs": []}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise ValueError(f"{path} is not a results file of `nrrdd compare` (expected {{\"teacher\": ..., "
+                         "\"runs\": [...]}}): give another --results")
+    if Path(str(data.get("teacher"))).resolve() != Path(teacher).resolve():
+        raise ValueError(f"{path} holds results of teacher {data.get('teacher')}, not of --teacher {teacher}: "
+                         "give another --results file (or the same teacher)")
+    return data
+
+
+def _find(data: dict, key: tuple) -> dict | None:
+    return next((r for r in data["runs"] if (r["ipc"], r["seed"], r["method"], r["labels"], r["epochs"]) == key),
+                None)
+
+
+def _run(cfg: RunConfig, syn: Path, results: Path, where: str, teacher_sha: str, ctx: pipeline.Context,
+         show_progress: bool) -> dict:
+    """One row of the grid: distil (unless this (ipc, seed, method) is on disk), relabel if needed, evaluate."""
+    method, labels = cfg.method, cfg.labels
+    times: dict[str, float] = {}
+    if (syn / "synthetic.safetensors").exists():
+        _check_reusable(cfg, syn, teacher_sha)
+    else:
+        print(f"distilling with {method}{where} ...")
+        times.update(pipeline.run_distill(cfg, show_progress=show_progress, ctx=ctx)["timings"])
+    if labels in STORED and not (syn / f"labels_{labels}.safetensors").exists():
+        times.update(pipeline.run_relabel(cfg, syn, labels, show_progress=show_progress, ctx=ctx)["timings"])
+    eval_file = syn / f"eval_{pipeline.eval_tag(cfg, labels)}.json"
+    if eval_file.exists():
+        raise FileExistsError(f"{eval_file} exists but {results} has no such run: another run (other --results, "
+                              "or other student settings) evaluated this synthetic set. Use another --out, or "
+                              "that run's --results")
+    print(f"training a student on {method} with {labels} labels{where} ...")
+    t0 = time.perf_counter()
+    r = pipeline.run_evaluate(cfg, syn, labels, show_progress=show_progress, ctx=ctx)
+    return {"ipc": cfg.ipc, "seed": cfg.seed, "method": method, "labels": labels, "epochs": cfg.epochs,
+            "test_top1": r["test_top1"], "val_top1": r["val_top1"], "label_bytes": r["label_bytes"],
+            "eval_s": time.perf_counter() - t0, **times}
+
+
+def _check_reusable(cfg: RunConfig, syn: Path, teacher_sha: str) -> None:
+    """A synthetic set on disk is reused only if it was distilled by the same teacher with the same settings."""
+    now = json.loads(json.dumps(cfg.to_dict()))            # tuples as lists, as config.json holds them
+    saved = json.loads((syn / "config.json").read_text()) if (syn / "config.json").exists() else {}
+    diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in sorted(now)
+            if k in saved and k not in NOT_DISTILL and saved[k] != now[k]]
+    manifest = syn / "manifest_distill.json"
+    sha = json.loads(manifest.read_text()).get("teacher_sha256") if manifest.exists() else None
+    if sha and sha != teacher_sha:
+        diff.append(f"teacher sha256 {sha[:12]}... (now {teacher_sha[:12]}...)")
+    if diff:
+        raise ValueError(f"{syn} holds a synthetic set distilled with other settings: {'; '.join(diff)}. "
+                         "Use another --out (or the same settings)")
+
+
+def stage_seconds(cfg: RunConfig, syn: Path) -> dict[str, float]:
+    """Seconds per stage of one row as its stage files recorded them (missing files: stage left out)."""
+    s: dict[str, float] = {}
+    for name in ("manifest_distill.json", f"manifest_relabel_{cfg.labels}.json"):
+        if (syn / name).exists():
+            s.update(json.loads((syn / name).read_text()).get("timings", {}))
+    eval_file = syn / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
+    if eval_file.exists():
+        s["train"] = json.loads(eval_file.read_text())["timings"]["train"]
+    return s
+
+
+def markdown(runs: list[dict], rows: list[str] | None = None, epochs: int | None = None) -> str:
+    """Rows ``method:labels`` (``rows`` first, then any others in ``runs``) x columns IPC; each cell the test
+    top-1 % over seeds, ``mean ± std (n seeds)``. ``epochs``: only runs with this many student epochs."""
+    runs = [r for r in runs if epochs is None or r["epochs"] == epochs]
+    names = [n for n in dict.fromkeys([*(rows or []), *(f"{r['method']}:{r['labels']}" for r in runs)])
+             if any(f"{r['method']}:{r['labels']}" == n for r in runs)]
+    ipcs = sorted({r["ipc"] for r in runs})
+    lines = ["| method | labels | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+             "|---|---|" + "---|" * len(ipcs)]
+    for name in names:
+        method, labels = name.split(":")
+        cells = []
+        for i in ipcs:
+            v = [r["test_top1"] for r in runs if (r["ipc"], r["method"], r["labels"]) == (i, method, labels)]
+            if not v:
+                cells.append("-")
+            elif len(v) == 1:
+                cells.append(f"{v[0]:.1f} (1 seed)")
+            else:
+                cells.append(f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f} ({len(v)} seeds)")
+        lines.append(f"| {method} | {labels} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,159 @@
+"""``nrrdd compare`` (and the demo as a configuration of it) on the blob data of ``tests/blobs.py``.
+
+A LeNet teacher (with BatchNorm, so NRR-DD's refinement has statistics to match) learns the blobs in seconds;
+the grid is tiny: 2 rows, IPC 1, 2 seeds, 5 student epochs.
+"""
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from blobs import write_blobs
+
+from nrrdd import pipeline
+from nrrdd.cli import main
+from nrrdd.compare import markdown, parse_rows
+
+TESTS = Path(__file__).parent
+LENET = ["--arch", "lenet:LeNet", "--arch-kwargs", '{"batch_norm": true}', "--student", "lenet:LeNet"]
+TINY = ["--mipc", "10", "--nrr-iterations", "5", "--re-epochs", "5"]
+RUN_KEYS = {"ipc", "seed", "method", "labels", "epochs", "test_top1", "val_top1", "label_bytes", "eval_s"}
+TIMING_KEYS = {"discover", "refine", "write", "relabel"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(TESTS))           # the user's model module, lenet.py, lives beside the tests
+        root = write_blobs(tmp_path_factory.mktemp("blobs"))
+        yield ["--dataset", "mnist", "--data-root", str(root), "--val-per-class", "5", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train-teacher", *LENET, "--out", str(out), "--teacher-epochs", "2", "--teacher-batch-size", "64",
+                 *data]) == 0
+    return out / "teacher.pt"
+
+
+def test_compare_table_sheet_and_resume(teacher, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--rows", "random:online", "nrrdd:dbr", "--ipcs", "1", "--seeds", "0", "1", "--out", str(out),
+            "--teacher", str(teacher), *LENET, *TINY, *data]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+
+    results = json.loads((out / "compare.json").read_text())
+    assert set(results) == {"teacher", "runs"} and results["teacher"] == str(teacher)
+    runs = results["runs"]
+    assert [(r["ipc"], r["seed"], r["method"], r["labels"], r["epochs"]) for r in runs] == [
+        (1, 0, "random", "online", 5), (1, 0, "nrrdd", "dbr", 5), (1, 1, "random", "online", 5),
+        (1, 1, "nrrdd", "dbr", 5)]
+    for r in runs:
+        assert RUN_KEYS <= set(r) <= RUN_KEYS | TIMING_KEYS, r
+    assert set(runs[0]) - RUN_KEYS == {"discover", "write"} and runs[0]["label_bytes"] == 0    # random: no refine
+    assert set(runs[1]) - RUN_KEYS == TIMING_KEYS and runs[1]["label_bytes"] > 0
+    assert (out / "ipc1_s1_nrrdd" / "labels_dbr.safetensors").exists()
+
+    md = (out / "compare.md").read_text()
+    assert md in printed
+    lines = md.splitlines()
+    assert lines[0] == "| method | labels | IPC 1 |"
+    for line, (method, labels) in zip(lines[2:], [("random", "online"), ("nrrdd", "dbr")]):
+        v = [r["test_top1"] for r in runs if (r["method"], r["labels"]) == (method, labels)]
+        assert line == f"| {method} | {labels} | {statistics.mean(v):.1f} ± {statistics.stdev(v):.1f} (2 seeds) |"
+
+    from PIL import Image
+
+    with Image.open(out / "sheet_compare.png") as im:
+        assert im.format == "PNG" and im.width > im.height     # 10 classes across, 2 methods down
+    assert not list(out.glob(".*"))                             # no temporary files left
+
+    # Resume: the same command does no work and changes nothing.
+    before = (out / "compare.json").read_text()
+    for name in ("run_distill", "run_relabel", "run_evaluate"):
+        monkeypatch.setattr(pipeline, name, lambda *a, **k: pytest.fail("a finished run was run again"))
+    assert main(argv) == 0
+    assert (out / "compare.json").read_text() == before
+    assert "resuming: 4 of 4 runs" in capsys.readouterr().out
+
+    # A new row for the same sets evaluates only: the synthetic sets on disk are reused.
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: pytest.fail("a synthetic set was distilled again"))
+    assert main([*argv[:4], "random:hard", *argv[4:]]) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [(r["seed"], r["labels"]) for r in runs[4:]] == [(0, "hard"), (1, "hard")]
+    assert set(runs[4]) == RUN_KEYS                              # it distilled and relabelled nothing
+    assert "| random | hard |" in (out / "compare.md").read_text()
+
+
+def test_compare_refuses_to_mix(teacher, data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--rows", "random:online", "--ipcs", "1", "--out", str(out), *LENET, *TINY, *data]
+    assert main([*argv, "--teacher", str(teacher)]) == 0
+
+    other = tmp_path / "other" / "teacher.pt"                   # the same teacher under another path
+    other.parent.mkdir()
+    shutil.copy(teacher, other)
+    shutil.copy(teacher.with_suffix(".json"), other.with_suffix(".json"))
+    capsys.readouterr()
+    assert main([*argv, "--teacher", str(other)]) == 2
+    assert "holds results of teacher" in capsys.readouterr().err
+
+    # another distillation setting must not silently reuse the set distilled under the old one
+    assert main([*argv, "--teacher", str(teacher), "--rows", "random:hard", "--mipc", "12"]) == 2
+    assert "mipc 10 (now 12)" in capsys.readouterr().err
+
+
+def test_compare_needs_a_teacher_and_valid_rows(tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--teacher is required" in err and "nrrdd train-teacher" in err and "nrrdd demo" in err
+    assert parse_rows(["nrrdd:dbr", "rded:online", "nrrdd:dbr"]) == [("nrrdd", "dbr"), ("rded", "online")]
+    for bad in ("nrrdd", "nrr:online", "nrrdd:dbrr"):
+        with pytest.raises(ValueError, match="expected method:labels"):
+            parse_rows([bad])
+
+
+def test_markdown_mean_std_over_seeds():
+    def run(ipc, seed, method, labels, top1, epochs=300):
+        return {"ipc": ipc, "seed": seed, "method": method, "labels": labels, "epochs": epochs, "test_top1": top1}
+
+    runs = [run(1, 0, "rded", "online", 80.0), run(1, 1, "rded", "online", 82.0), run(10, 0, "rded", "online", 90.04),
+            run(1, 0, "nrrdd", "dbr", 70.0), run(1, 1, "nrrdd", "dbr", 10.0, epochs=5)]
+    assert markdown(runs, rows=["nrrdd:dbr", "sre2l:online"], epochs=300).splitlines() == [
+        "| method | labels | IPC 1 | IPC 10 |",
+        "|---|---|---|---|",
+        "| nrrdd | dbr | 70.0 (1 seed) | - |",
+        "| rded | online | 81.0 ± 1.4 (2 seeds) | 90.0 (1 seed) |",
+    ]
+
+
+def test_demo_is_a_small_compare(data, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from nrrdd.cli import _add_config_flags, _explicit, build_config
+    from nrrdd.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)                                 # the demo caches its teacher in runs/teachers/
+    p = argparse.ArgumentParser()
+    _add_config_flags(p)
+    ns = p.parse_args([*LENET, *TINY, *data, "--ipc", "1", "--teacher-epochs", "1", "--out", "demo"])
+    rows = run_demo(build_config(ns), rows=["random:online", "nrrdd:dbr"], explicit=_explicit(ns))
+    printed = capsys.readouterr().out
+    assert "distilling with nrrdd ..." in printed and "training a student on nrrdd with dbr labels ..." in printed
+    head = "method   labels   top-1 %  label bytes discover s  refine s relabel s  train s"
+    assert head in printed
+
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(saved) == {"config", "teacher", "rows", "total_s", "quick"} and saved["rows"] == rows
+    assert [(r["method"], r["labels"]) for r in rows] == [("random", "online"), ("nrrdd", "dbr")]
+    keys = {"method", "labels", "ipc", "seed", "test_top1", "val_top1", "label_bytes", "discover_s", "refine_s",
+            "relabel_s", "train_s"}
+    assert all(set(r) == keys for r in rows)
+    assert rows[0]["refine_s"] == 0 and rows[0]["relabel_s"] == 0
+    assert rows[1]["refine_s"] > 0 and rows[1]["relabel_s"] > 0 and rows[1]["train_s"] > 0
+    for name in ("sheet_nrrdd.png", "sheet_compare.png", "compare.json", "compare.md"):
+        assert (tmp_path / "demo" / name).exists(), name
