@@ -138,8 +138,3 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
-
-
-def config_fields() -> list[dataclasses.Field]:
-    return list(fields(RunConfig))
-

@@ -301,9 +301,3 @@ def eval_tag(cfg: RunConfig, label_mode: str) -> str:
     """Names an evaluation of a synthetic set: ``<syn>/eval_<tag>.json``, one per label mode, student and seed."""
     student_tag = re.sub(r"[^\w.-]", ".", cfg.student)        # package.module:Class -> package.module.Class
     return f"{label_mode}_{student_tag}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
-
-
-def label_storage_bytes(n: int, epochs: int, classes: int, mode: str) -> int:
-    """Bytes of the label payload (float16): soft N*E*C*2, DBR N*E*2*2 (METHOD.md)."""
-    return n * epochs * (classes if mode == "soft" else 2 if mode == "dbr" else 0) * 2
-
