@@ -77,6 +77,15 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     return out.to(images.dtype)
 
 
+def resize_boxes(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each integer box (top, left, h, w) of one image [C, H, W], resized to ``size`` x ``size`` with
+    antialiased bilinear interpolation: [K, C, size, size]. The same filter as DALI's antialiased linear
+    resize of a region of interest, so the torch and DALI image loaders cut the same crops
+    (:func:`crop_resize`'s ``roi_align`` averages differently when shrinking)."""
+    return torch.cat([F.interpolate(image[None, :, t:t + h, l:l + w], size=(size, size), mode="bilinear",
+                                    antialias=True, align_corners=False) for t, l, h, w in boxes.tolist()])
+
+
 def pad_to(patches: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad [B, C, s, s] patches, centred, to size x size (RDED scores patches this way)."""
     dh, dw = size - patches.shape[-2], size - patches.shape[-1]

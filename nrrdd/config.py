@@ -82,6 +82,8 @@ class RunConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     precision: str = "auto"             # auto (bf16 autocast where the hardware has bf16 units) | fp32 | bf16
     threads: int = 0                    # 0: torch's default
+    loader: str = "auto"                # image decoding for image folders: auto (DALI if installed) | dali | torch
+    loader_workers: int = 2             # DataLoader worker processes (torch) or DALI CPU threads
     out: str = "runs/run"
 
     # ---------------------------------------------------------------------------------------------

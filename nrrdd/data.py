@@ -91,6 +91,10 @@ class ImageSet:
     def class_indices(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.labels == c).flatten()
 
+    def locate(self, indices) -> tuple["ImageSet", torch.Tensor]:
+        """The set that actually holds the images, and the indices in it (subsets resolve to their base)."""
+        return self, torch.as_tensor(indices, dtype=torch.long)
+
 
 class TensorImageSet(ImageSet):
     """A dataset held in memory as uint8 [N, C, H, W] (MNIST, Fashion-MNIST, CIFAR)."""
@@ -132,20 +136,81 @@ class SubsetImageSet(ImageSet):
     def load(self, indices) -> torch.Tensor:
         return self.base.load(self.indices[torch.as_tensor(indices, dtype=torch.long)])
 
+    def locate(self, indices) -> tuple[ImageSet, torch.Tensor]:
+        return self.base.locate(self.indices[torch.as_tensor(indices, dtype=torch.long)])
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.base.fingerprint().encode())
         h.update(self.indices.numpy().astype(np.int64).tobytes())
         return h.hexdigest()
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm", ".tif", ".tiff", ".webp"}
+
+
+def check_image_file(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it looks decodable.
+
+    Cheap (reads a few bytes at each end, no decoding), so both loaders can run it on every candidate
+    before decoding: a DALI pipeline that meets an undecodable file stops for good, so files are screened
+    first. Formats are those both decoders read (JPEG, PNG, BMP, TIFF, WebP, PNM); GIF is refused because
+    DALI cannot decode it.
+    """
+    try:
+        n = os.path.getsize(path)
+        if n == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, n - 64))
+            tail = f.read(64)
+    except OSError as e:
+        return f"cannot read: {e}"
+    if head.startswith(b"\xff\xd8\xff"):
+        if not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+            return "truncated JPEG (no end-of-image marker)"
+    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
+        if b"IEND" not in tail[-16:]:
+            return "truncated PNG (no IEND chunk)"
+    elif head.startswith(b"GIF8"):
+        return "GIF is not supported (the DALI decoder cannot read it); convert it to PNG"
+    elif not (head.startswith((b"BM", b"II*\x00", b"MM\x00*")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+              or (head[:1] == b"P" and head[1:2] in b"123456")):
+        return "not an image (unrecognised file header)"
+    return None
+
+
+def image_header_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+    return h, w
+
+
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """uint8 [3, H, W]. Grayscale, CMYK, palette and RGBA (alpha dropped) images are converted to RGB.
+
+    EXIF orientation is not applied (as torchvision's ImageFolder; the DALI loader is set up the same way).
+    Raises ValueError naming the file when it cannot be decoded (truncated data included).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    except Exception as e:  # noqa: BLE001 - any decoder failure names the file
+        raise ValueError(f"cannot decode image {path}: {e}") from e
 
 
 class FolderImageSet(ImageSet):
     """torchvision ImageFolder layout (also RDED's ``00000/ 00001/ ...``): one folder per class.
 
     Each image is decoded, converted to RGB (grayscale, CMYK, RGBA, palette images included), its
-    short side resized to ``resize`` and centre-cropped to ``size``.
+    short side resized to ``resize`` and centre-cropped to ``size``. Files in class folders that are not
+    images by name are left out and listed in ``ignored`` as (path, reason).
     """
 
     def __init__(self, root: str | Path, size: int, resize: int | None = None,
@@ -158,18 +223,18 @@ class FolderImageSet(ImageSet):
             raise DatasetLayoutError(
                 f"{root} has no class folders: expected {root}/<class>/<image>, e.g. RDED's 00000/ 00001/ ...")
         if classes is not None and list(classes) != found:
-            missing = sorted(set(classes) - set(found))
-            extra = sorted(set(found) - set(classes))
-            raise DatasetLayoutError(
-                f"class folders of {root} do not match the expected classes: missing {missing[:5]}, "
-                f"unexpected {extra[:5]} ({len(found)} found, {len(classes)} expected)")
-        samples = []
+            raise DatasetLayoutError(f"class folders of {root} do not match the training classes: "
+                                     f"{describe_class_mismatch(classes, found)}")
+        samples, ignored = [], []
         for c, name in enumerate(found):
-            files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
+            files = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
+            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            ignored += [(str(p), f"not an image file (suffix {p.suffix or 'none'!r})")
+                        for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+            if not images:
                 raise DatasetLayoutError(f"class folder {root / name} holds no images")
-            samples += [(str(p), c) for p in files]
-        self.root, self.samples = root, samples
+            samples += [(str(p), c) for p in images]
+        self.root, self.samples, self.ignored = root, samples, ignored
         self.labels = torch.tensor([c for _, c in samples], dtype=torch.long)
         self.classes = found
         self.channels = 3
@@ -177,18 +242,8 @@ class FolderImageSet(ImageSet):
         self.resize = resize or size
 
     def load(self, indices) -> torch.Tensor:
-        from PIL import Image
-
-        out = []
-        for i in torch.as_tensor(indices, dtype=torch.long).tolist():
-            path = self.samples[i][0]
-            try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-            except Exception as e:  # noqa: BLE001 - any decoder failure names the file
-                raise ValueError(f"cannot decode image {path}: {e}") from e
-            out.append(_resize_center_crop(x.float().div_(255), self.resize, self.size))
+        out = [_resize_center_crop(decode_rgb(self.samples[i][0]).float().div_(255), self.resize, self.size)
+               for i in torch.as_tensor(indices, dtype=torch.long).tolist()]
         return torch.stack(out)
 
     def fingerprint(self) -> str:
@@ -199,12 +254,25 @@ class FolderImageSet(ImageSet):
         return h.hexdigest()
 
 
-def _resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
+def describe_class_mismatch(expected: list[str], found: list[str]) -> str:
+    missing = [c for c in expected if c not in set(found)]
+    extra = [c for c in found if c not in set(expected)]
+    if not missing and not extra:
+        return f"same {len(found)} names in another order (expected {expected[:5]}..., found {found[:5]}...)"
+    return (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+            f"{'...' if len(extra) > 5 else ''} ({len(found)} found, {len(expected)} expected)")
+
+
+def center_geometry(h: int, w: int, resize: int, size: int) -> tuple[int, int, int, int]:
+    """Short side to ``resize``, then a centred ``size`` square: (new_h, new_w, top, left)."""
     s = resize / min(h, w)
     nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    return nh, nw, (nh - size) // 2, (nw - size) // 2
+
+
+def _resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    nh, nw, top, left = center_geometry(*x.shape[-2:], resize, size)
     x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
     return x[:, top:top + size, left:left + size].clamp_(0, 1)
 
 

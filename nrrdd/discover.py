@@ -9,8 +9,8 @@
   in normalised space, drawn from ``rng(seed, STREAM_NOISE, class)`` and clamped to the valid pixel range;
   stage 2 then synthesises them (unmasked, with jitter and flip).
 
-Candidates stream through in batches and only (score, image, box) is kept per candidate, so memory stays
-flat as ``mipc`` grows; the chosen patches are cut again at the end.
+Candidates stream through in batches (decoded by DALI or torch, see :mod:`nrrdd.loaders`) and each class
+keeps only its ``ipc * factor**2`` best crops so far, so memory stays flat as ``mipc`` grows.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .augment import (STREAM_DISCOVER, STREAM_NOISE, STREAM_SELECT, crop_resize, pad_to, random_resized_boxes, rng,
-                      stitch)
+from .augment import STREAM_DISCOVER, STREAM_NOISE, STREAM_SELECT, pad_to, random_resized_boxes, rng, stitch
 from .cam import class_activation_map
 from .data import ImageSet, Normalizer
+from .loaders import PatchSource
 from .runtime import autocast, progress
 
 
@@ -32,6 +32,8 @@ class Discovery:
     images: torch.Tensor            # [n_classes * ipc, C, S, S] float32 pixel values in [0, 1]
     labels: torch.Tensor            # [n_classes * ipc] int64
     sources: list[dict] = field(default_factory=list)  # per patch: class, image index, box, score
+    skipped: list[dict] = field(default_factory=list)  # candidate files that could not be used, with the reason
+    loader: str = "torch"                               # the backend that decoded the candidates
 
 
 def candidate_boxes(seed: int, image_index: int, num_crop: int, size: int, scale) -> np.ndarray:
@@ -61,34 +63,53 @@ def _class_candidates(train: ImageSet, c: int, mipc: int, seed: int) -> torch.Te
 
 
 @torch.no_grad()
-def score_candidates(method: str, teacher: nn.Module, x: torch.Tensor, c: int, boxes: torch.Tensor, factor: int,
-                     cam: str = "auto", precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def score_candidates(method: str, teacher: nn.Module, image: torch.Tensor, crops: torch.Tensor, boxes: torch.Tensor,
+                     c: int, cam: str = "auto", precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Score one batch of candidate images of class ``c``.
 
-    x [b, C, S, S] normalised; boxes [b, K, 4]. Returns (kept crop per image [b], score [b]); lower score
-    is preferred by RDED (cross-entropy), CIDD keeps the lowest confidence (softmax probability).
+    image [b, C, S, S] and crops [b, K, C, s, s] normalised; boxes [b, K, 4]. Returns (kept crop per image
+    [b], score [b]). RDED keeps per image the crop of lowest cross-entropy and per class the lowest
+    scores; CIDD keeps per image the crop of highest CAM ratio, scored by its softmax probability.
     """
-    b, K = boxes.shape[:2]
-    S = x.shape[-1]
-    s = S // factor
-    y = torch.full((b,), c, dtype=torch.long, device=x.device)
+    b, K = crops.shape[:2]
+    S = image.shape[-1]
     if method == "rded":
-        patches = crop_resize(x.repeat_interleave(K, 0), boxes.reshape(b * K, 4), s)
-        with autocast(x.device, precision):
-            logits = teacher(pad_to(patches, S)).float()
+        with autocast(image.device, precision):
+            logits = teacher(pad_to(crops.flatten(0, 1), S)).float()
         ce = -logits.log_softmax(1)[:, c].view(b, K)
         score, best = ce.min(1)
         return best, score
     if method == "nrrdd":
-        with autocast(x.device, precision):
-            cmap = class_activation_map(teacher, x, y, method=cam)
+        y = torch.full((b,), c, dtype=torch.long, device=image.device)
+        with autocast(image.device, precision):
+            cmap = class_activation_map(teacher, image, y, method=cam)
         best = cam_ratio(cmap, boxes).argmax(1)
-        kept = boxes[torch.arange(b), best.cpu()]
-        patches = crop_resize(x, kept, s)
-        with autocast(x.device, precision):
-            logits = teacher(pad_to(patches, S)).float()
+        kept = crops[torch.arange(b, device=crops.device), best.to(crops.device)]
+        with autocast(image.device, precision):
+            logits = teacher(pad_to(kept, S)).float()
         return best, logits.softmax(1)[:, c]
     raise ValueError(f"unknown discovery method {method!r}")
+
+
+class _Kept:
+    """The ``n`` best candidates of one class seen so far (stable: ties keep candidate order).
+
+    Memory is ``n`` crops whatever ``mipc`` is."""
+
+    def __init__(self, n: int, descending: bool):
+        self.n, self.descending = n, descending
+        self.key = self.score = self.index = self.box = self.crop = None
+
+    def add(self, key, score, index, box, crop) -> None:
+        if self.key is not None:
+            key, score, index, box, crop = (torch.cat([a, b]) for a, b in zip(
+                (self.key, self.score, self.index, self.box, self.crop), (key, score, index, box, crop)))
+        order = torch.sort(key, descending=self.descending, stable=True).indices[:self.n]
+        self.key, self.score, self.index, self.box = key[order], score[order], index[order], box[order]
+        self.crop = crop[order.to(crop.device)]
+
+    def __len__(self) -> int:
+        return 0 if self.key is None else len(self.key)
 
 
 def noise_init(n_classes: int, ipc: int, channels: int, size: int, seed: int, normalizer: Normalizer) -> Discovery:
@@ -108,45 +129,72 @@ def noise_init(n_classes: int, ipc: int, channels: int, size: int, seed: int, no
 def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
              mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
              keep: str = "low", batch_size: int = 256, device: torch.device | str = "cpu",
-             precision: str = "fp32", show_progress: bool = True) -> Discovery:
-    """Run stage 1 for every class; returns stitched images in pixel units (see :class:`Discovery`)."""
+             precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2) -> Discovery:
+    """Run stage 1 for every class; returns stitched images in pixel units (see :class:`Discovery`).
+
+    All candidates of all classes stream through one :class:`~nrrdd.loaders.PatchSource` (class after
+    class), so image decoding runs ahead of the teacher; ``loader`` picks its backend (DALI or torch).
+    """
     if method == "sre2l":
         return noise_init(len(train.classes), ipc, train.channels, train.size, seed, normalizer)
+    if method not in ("random", "rded", "nrrdd"):
+        raise ValueError(f"unknown discovery method {method!r}")
+    if method != "random" and teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher")
     S = train.size
     s = S // factor
     n_patch = ipc * factor * factor
-    if method != "random" and teacher is None:
-        raise ValueError(f"method {method!r} needs a teacher")
-    images, labels, sources = [], [], []
     n_classes = len(train.classes)
-    for c in progress(range(n_classes), desc=f"discover[{method}]", enable=show_progress):
+    cands = []
+    for c in range(n_classes):
         cand = _class_candidates(train, c, mipc, seed)
         if len(cand) < n_patch:
             raise ValueError(f"class {c} ({train.classes[c]!r}) has {len(cand)} candidate images (mipc={mipc}) "
                              f"but {n_patch} patches are needed (ipc={ipc}, factor={factor})")
-        if method == "random":
-            chosen = cand[:n_patch]
-            boxes = torch.tensor([[0, 0, S, S]] * n_patch)
-            scores = torch.full((n_patch,), float("nan"))
-        else:
-            all_boxes, all_scores = [], []
-            for start in range(0, len(cand), batch_size):
-                idx = cand[start:start + batch_size]
-                b = torch.from_numpy(np.stack([candidate_boxes(seed, int(i), num_crop, S, crop_scale)
-                                               for i in idx.tolist()]))
-                x = normalizer(train.load(idx).to(device))
-                best, score = score_candidates(method, teacher, x, c, b, factor, cam, precision)
-                all_boxes.append(b[torch.arange(len(idx)), best.cpu()])
-                all_scores.append(score.float().cpu())
-            sc = torch.cat(all_scores)
-            bx = torch.cat(all_boxes)
-            descending = method == "nrrdd" and keep == "high"
-            order = torch.sort(sc, descending=descending, stable=True).indices[:n_patch]
-            chosen, boxes, scores = cand[order], bx[order], sc[order]
-        patches = crop_resize(train.load(chosen), boxes, s)             # pixel units, [n_patch, C, s, s]
+        cands.append(cand)
+    if method == "random":      # each whole image is one patch; the first n_patch usable candidates
+        full = np.array([[0, 0, S, S]], dtype=np.int64)
+        boxes_fn = lambda i: full  # noqa: E731
+    else:
+        boxes_fn = lambda i: candidate_boxes(seed, i, num_crop, S, crop_scale)  # noqa: E731
+    order = torch.cat(cands)
+    position = torch.empty(int(order.max()) + 1, dtype=torch.long)
+    position[order] = torch.arange(len(order))
+    src = PatchSource(train, order, normalizer, crop_size=s, boxes=boxes_fn, loader=loader, batch_size=batch_size,
+                      workers=workers, device=device)
+    kept = [_Kept(n_patch, descending=method == "nrrdd" and keep == "high") for _ in range(n_classes)]
+    for batch in progress(src, desc=f"discover[{method}]", enable=show_progress,
+                          total=-(-len(order) // batch_size)):
+        for c in batch.label.unique().tolist():
+            m = batch.label == c
+            idx, crops, boxes = batch.index[m], batch.crops[m.to(batch.crops.device)], batch.boxes[m]
+            if method == "random":
+                best = torch.zeros(len(idx), dtype=torch.long)
+                score = torch.full((len(idx),), float("nan"))
+                key = position[idx].float()
+            else:
+                best, score = score_candidates(method, teacher, batch.image[m.to(batch.image.device)], crops, boxes,
+                                               c, cam, precision)
+                best, score = best.cpu(), score.float().cpu()
+                key = score
+            rows = torch.arange(len(idx))
+            kept[c].add(key, score, idx, boxes[rows, best], crops[rows.to(crops.device), best.to(crops.device)])
+    base, _ = train.locate([])
+    files = getattr(base, "samples", None)
+    images, labels, sources = [], [], []
+    for c, k in enumerate(kept):
+        if len(k) < n_patch:
+            bad = [f"{p}: {r}" for p, r in src.skipped][:5]
+            raise ValueError(f"class {c} ({train.classes[c]!r}) has only {len(k)} usable candidate images but "
+                             f"{n_patch} patches are needed; files skipped: {bad}")
+        patches = normalizer.inverse(k.crop).cpu()                          # pixel units, [n_patch, C, s, s]
         images.append(stitch(patches, factor, S).clamp_(0, 1))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
-        for k in range(n_patch):
-            sources.append({"class": c, "image": int(chosen[k]), "box": boxes[k].tolist(),
-                            "score": float(scores[k]), "slot": [k % ipc, k // ipc]})
-    return Discovery(torch.cat(images), torch.cat(labels), sources)
+        for j in range(n_patch):
+            src_j = {"class": c, "image": int(k.index[j]), "box": k.box[j].tolist(), "score": float(k.score[j]),
+                     "slot": [j % ipc, j // ipc]}
+            if files is not None:
+                src_j["file"] = files[int(train.locate([int(k.index[j])])[1][0])][0]
+            sources.append(src_j)
+    return Discovery(torch.cat(images), torch.cat(labels), sources,
+                     skipped=[{"file": p, "reason": r} for p, r in src.skipped], loader=src.backend)

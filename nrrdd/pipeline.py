@@ -30,7 +30,7 @@ from PIL import Image
 
 from .cam import require_cam
 from .config import RunConfig
-from .data import Splits, load_splits
+from .data import Splits, describe_class_mismatch, load_splits
 from .discover import discover
 from .io import (atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json, file_sha256,
                  load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
@@ -86,6 +86,12 @@ def _provenance(ctx: Context) -> dict:
     return facts
 
 
+def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
+    cfg = ctx.cfg
+    return dict(batch_size=cfg.eval_batch_size, device=ctx.device, precision=ctx.precision, loader=cfg.loader,
+                workers=cfg.loader_workers, skipped=skipped)
+
+
 def _timed(ctx: Context, name: str):
     class T:
         def __enter__(self):
@@ -114,8 +120,8 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
                       batch_size=cfg.teacher_batch_size, seed=cfg.seed, flip=cfg.dataset != "mnist",
                       device=ctx.device, precision=ctx.precision, show_progress=show_progress)
     with _timed(ctx, "evaluate"):
-        test = evaluate(model, sp.test, sp.normalizer, device=ctx.device, precision=ctx.precision)
-        val = evaluate(model, sp.val, sp.normalizer, device=ctx.device, precision=ctx.precision)
+        test = evaluate(model, sp.test, sp.normalizer, **_eval_kw(ctx))
+        val = evaluate(model, sp.val, sp.normalizer, **_eval_kw(ctx))
     atomic_torch_save(ckpt, {"model": {k: v.cpu() for k, v in model.state_dict().items()}})
     meta = {"arch": cfg.arch, "arch_kwargs": parse_model_kwargs(cfg.arch_kwargs), "dataset": cfg.dataset,
             "classes": sp.classes, "channels": sp.channels, "input_size": sp.size, "test_top1": test, "val_top1": val,
@@ -135,8 +141,8 @@ def load_teacher(ctx: Context) -> torch.nn.Module:
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("classes") and meta["classes"] != sp.classes:
-            raise ValueError(f"teacher {cfg.teacher} was trained on classes {meta['classes'][:5]}... but the "
-                             f"dataset's class order is {sp.classes[:5]}...")
+            raise ValueError(f"the classes of {cfg.dataset} {cfg.data_root or ''} do not match those teacher "
+                             f"{cfg.teacher} was trained on: {describe_class_mismatch(meta['classes'], sp.classes)}")
         if meta.get("arch") and meta["arch"] != cfg.arch:
             raise ValueError(f"teacher {cfg.teacher} is a {meta['arch']!r}, but --arch is {cfg.arch!r}")
         if "arch_kwargs" in meta and meta["arch_kwargs"] != parse_model_kwargs(cfg.arch_kwargs):
@@ -150,6 +156,12 @@ def load_teacher(ctx: Context) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _ignored(sp: Splits) -> list[dict]:
+    """Files in an image folder's class folders that are not images by name (left out when listing)."""
+    base = sp.train.locate([])[0]
+    return [{"file": p, "reason": r} for p, r in getattr(base, "ignored", [])]
 
 
 # --- distill -------------------------------------------------------------------------------------------
@@ -180,7 +192,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
         d = discover(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
                      num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
                      cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
-                     precision=ctx.precision, show_progress=show_progress)
+                     precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
+                     workers=cfg.loader_workers)
     images = sp.normalizer(d.images)
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
     refined = cfg.resolved_refine()
@@ -200,7 +213,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     cfg.save(out / "config.json")
     write_manifest(out, stage="distill", config=cfg.to_dict(), **_provenance(ctx),
                    synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
-                   timings=dict(ctx.timings), sources=d.sources)
+                   timings=dict(ctx.timings), loader=d.loader, skipped_files=d.skipped + _ignored(sp),
+                   sources=d.sources)
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
 
 
@@ -284,16 +298,15 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
                       dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
                       precision=ctx.precision, show_progress=show_progress)
     with _timed(ctx, "evaluate"):
-        test = None if validation_only else evaluate(student, sp.test, sp.normalizer,
-                                                     batch_size=cfg.eval_batch_size, device=ctx.device,
-                                                     precision=ctx.precision)
-        val = evaluate(student, sp.val, sp.normalizer, batch_size=cfg.eval_batch_size, device=ctx.device,
-                       precision=ctx.precision)
+        skipped: list = []
+        test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
+        val = evaluate(student, sp.val, sp.normalizer, **_eval_kw(ctx, skipped))
     result = {"labels": label_mode, "student": cfg.student, "seed": cfg.seed, "test_top1": test, "val_top1": val,
               "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs,
               "timings": dict(ctx.timings)}
     atomic_write_json(out, result)
-    write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(), **_provenance(ctx), results=result)
+    write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(), **_provenance(ctx), results=result,
+                   skipped_files=[{"file": p, "reason": r} for p, r in skipped])
     return result
 
 

@@ -34,17 +34,25 @@ def _cosine(total_steps: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_size: int = 500, device="cpu",
-             precision: str = "fp32") -> float:
-    """Top-1 accuracy (%) of ``model`` on ``data``."""
+             precision: str = "fp32", loader: str = "torch", workers: int = 2,
+             skipped: list | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``data``, read through :func:`nrrdd.loaders.image_batches`.
+
+    Images that cannot be decoded are left out of the accuracy and appended to ``skipped`` as
+    (path, reason)."""
+    from .loaders import image_batches
+
     model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(len(data), start + batch_size))
-        x = normalizer(data.load(idx).to(device))
+    correct = seen = 0
+    src = image_batches(data, normalizer, loader=loader, batch_size=batch_size, workers=workers, device=device)
+    for b in src:
         with autocast(device, precision):
-            pred = model(x).argmax(1).cpu()
-        correct += int((pred == data.labels[idx]).sum())
-    return 100.0 * correct / max(1, len(data))
+            pred = model(b.image).argmax(1).cpu()
+        correct += int((pred == b.label).sum())
+        seen += len(b.label)
+    if skipped is not None:
+        skipped += src.skipped
+    return 100.0 * correct / max(1, seen)
 
 
 def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, epochs: int, lr: float,
