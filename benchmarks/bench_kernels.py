@@ -15,34 +15,24 @@ GB/s, and this machine's measured copy bandwidth (``dst.copy_(src)`` of ~256 MB)
 physical limit.  Rows are appended to ``--out`` (CSV, header written for a new file)
 and a readable table is printed.
 
-    python benchmarks/bench_kernels.py --quick
-    python benchmarks/bench_kernels.py --out benchmarks/results/kernels.csv
+    python -m benchmarks.bench_kernels --quick
+    python -m benchmarks.bench_kernels --out benchmarks/results/kernels.csv
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import Recorder, quantiles
 from nrrdd.kernels import dbr_distances, dbr_loss
 from nrrdd.kernels._backend import triton_available
 from nrrdd.kernels.dbr import dbr_distances_reference, dbr_loss_reference
 from nrrdd.kernels.masked_adam import masked_adam_reference_, masked_adam_triton_
-
-FIELDS = [
-    "name", "provider", "shape", "metric", "unit", "median", "p20", "p80",
-    "device", "torch_version", "package_version", "timestamp",
-]
-
 
 # ----------------------------------------------------------------------------
 # timing
@@ -80,52 +70,12 @@ def time_fn(fn, device: torch.device, reps: int, warmup: int, setup=None) -> lis
     return times
 
 
-def quantiles(ts: list[float]) -> tuple[float, float, float]:
-    ts = sorted(ts)
-    if len(ts) == 1:
-        return ts[0], ts[0], ts[0]
-    q = statistics.quantiles(ts, n=10, method="inclusive")  # deciles
-    return statistics.median(ts), q[1], q[7]
-
-
 # ----------------------------------------------------------------------------
 # context
 # ----------------------------------------------------------------------------
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    return f"cpu {cpu} ({torch.get_num_threads()} threads)"
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("nrrdd")
-    except Exception:
-        return "unknown"
-
-
-class Recorder:
-    def __init__(self, device: torch.device):
-        self.rows: list[dict] = []
-        self.table: list[tuple] = []
-        self.common = dict(
-            device=device_name(device),
-            torch_version=torch.__version__,
-            package_version=package_version(),
-            timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        )
-
-    def add(self, name, provider, shape, metric, unit, med, p20, p80):
-        self.rows.append(
-            dict(name=name, provider=provider, shape=shape, metric=metric, unit=unit,
-                 median=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", **self.common)
-        )
-
+class KernelRecorder(Recorder):
     def op(self, name, provider, shape, times_ms, min_bytes, copy_gbs):
         med, p20, p80 = quantiles(times_ms)
         self.add(name, provider, shape, "time", "ms", med, p20, p80)
@@ -134,15 +84,6 @@ class Recorder:
         gbs = lambda t: min_bytes / (t * 1e-3) / 1e9  # noqa: E731
         self.add(name, provider, shape, "bandwidth", "GB/s", gbs(med), gbs(p80), gbs(p20))
         self.table.append((name, provider, shape, med, p20, p80, min_bytes / 1e6, gbs(med), gbs(med) / copy_gbs))
-
-    def write_csv(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists() or path.stat().st_size == 0
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(self.rows)
 
     def print_table(self, copy_gbs: float) -> None:
         print(f"\ndevice: {self.common['device']}   torch {self.common['torch_version']}   "
@@ -162,7 +103,7 @@ class Recorder:
 # ----------------------------------------------------------------------------
 
 
-def bench_copy(rec: Recorder, device, nbytes: int, reps: int, warmup: int) -> float:
+def bench_copy(rec: KernelRecorder, device, nbytes: int, reps: int, warmup: int) -> float:
     n = nbytes // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
@@ -177,7 +118,7 @@ def bench_copy(rec: Recorder, device, nbytes: int, reps: int, warmup: int) -> fl
     return gbs(med)
 
 
-def bench_masked_adam(rec: Recorder, device, shape, reps, warmup, copy_gbs, providers):
+def bench_masked_adam(rec: KernelRecorder, device, shape, reps, warmup, copy_gbs, providers):
     N, C, H, W = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
@@ -208,7 +149,7 @@ def bench_masked_adam(rec: Recorder, device, shape, reps, warmup, copy_gbs, prov
               f"({time.perf_counter() - t0:.1f} s incl. warm-up/compile)", file=sys.stderr)
 
 
-def bench_dbr(rec: Recorder, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.float32):
+def bench_dbr(rec: KernelRecorder, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.float32):
     gen = torch.Generator(device="cpu").manual_seed(1)
     logits0 = (torch.randn(B, C, generator=gen) * 3).to(device=device, dtype=dtype)
     yo = torch.randint(0, C, (B,), generator=gen).to(device)
@@ -287,7 +228,7 @@ def main(argv=None) -> int:
         adam_shape = (100, 3, 224, 224)
         dbr_cfgs = [(256, 1000), (256, 21841)]
 
-    rec = Recorder(device)
+    rec = KernelRecorder(device)
     t0 = time.perf_counter()
     copy_gbs = bench_copy(rec, device, copy_bytes, max(reps, 5), warmup)
     bench_masked_adam(rec, device, adam_shape, reps, warmup, copy_gbs, providers)
