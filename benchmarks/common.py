@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import os
 import platform
 import statistics
+import threading
 from pathlib import Path
 
 import torch
@@ -67,3 +69,51 @@ class Recorder:
             if new:
                 w.writeheader()
             w.writerows(self.rows)
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/statm") as f:
+                rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [root]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and its children every ``every`` seconds."""
+
+    def __init__(self, every: float = 0.01):
+        self.every, self.peak = every, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        pid = os.getpid()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_bytes(pid))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self.peak = _tree_rss_bytes(os.getpid())
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()

@@ -72,6 +72,7 @@ class RunConfig:
     dbr_distance: str = "l1"            # l1 [default] | l2
     dbr_temperature: float = 1.0        # [default]
     eval_batch_size: int = 500
+    compile: bool | None = None         # torch.compile student training; None: where it pays (see resolved_compile)
 
     # --- teacher training ----------------------------------------------------------------------------
     teacher_epochs: int = 5
@@ -102,6 +103,13 @@ class RunConfig:
         if self.sre2l_flip is not None:
             return self.sre2l_flip
         return self.dataset != "mnist"
+
+    def resolved_compile(self, device_type: str) -> bool:
+        """torch.compile for student training where it was measured to pay (benchmarks/README.md): on CUDA
+        and on CPU; ``--no-compile`` turns it off (e.g. for a short run, where the cold compile dominates)."""
+        if self.compile is not None:
+            return self.compile
+        return True
 
     def resolved_batch_size(self, num_classes: int) -> int:
         """RDED's student batch size rule, capped at the synthetic set size."""

@@ -296,7 +296,8 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
                       teacher=teacher, stored=stored, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       temperature=cfg.temperature, cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr,
                       dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
-                      precision=ctx.precision, show_progress=show_progress)
+                      precision=ctx.precision, compile=cfg.resolved_compile(ctx.device.type),
+                      show_progress=show_progress)
     with _timed(ctx, "evaluate"):
         skipped: list = []
         test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))

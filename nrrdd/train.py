@@ -110,8 +110,12 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                   stored: torch.Tensor | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
                   temperature: float = 20.0, cutmix_alpha: float = 1.0, alpha_dbr: float = 1.0,
                   dbr_distance: str = "l1", dbr_temperature: float = 1.0, device="cpu", precision: str = "fp32",
-                  show_progress: bool = True) -> nn.Module:
-    """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N]."""
+                  compile: bool = False, show_progress: bool = True) -> nn.Module:
+    """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N].
+
+    ``compile``: run the student's (and an online teacher's) forward and backward through
+    ``torch.compile``. Shapes are static: every batch has ``batch_size`` samples except possibly the last
+    of an epoch, so it compiles at most two graphs, once, whatever the number of epochs."""
     device = torch.device(device)
     if mode == "online" and teacher is None:
         raise ValueError("label mode 'online' needs a teacher")
@@ -132,6 +136,8 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(epochs * steps_per_epoch))
     dbr = DBRLoss(alpha=alpha_dbr, temperature=dbr_temperature, distance=dbr_distance)
     images = images.to(device)
+    fwd_student = torch.compile(student, dynamic=False) if compile else student
+    fwd_teacher = torch.compile(teacher, dynamic=False) if compile and teacher is not None else teacher
     for e in progress(range(epochs), desc=f"student[{mode}]", enable=show_progress):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         order = torch.from_numpy(rng(seed, STREAM_ORDER, e).permutation(N))
@@ -140,11 +146,11 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
             x, y_org, y_aug, lam = mixed_batch(images, labels, aug, idx, factor)
             y_org, y_aug = y_org.to(device), y_aug.to(device)
             with autocast(device, precision):
-                out = student(x)
+                out = fwd_student(x)
             out = out.float()
             if mode == "online":
                 with torch.no_grad(), autocast(device, precision):
-                    t = teacher(x).float()
+                    t = fwd_teacher(x).float()
                 loss = kd_loss(out, t, temperature)
             elif mode == "soft":
                 loss = kd_loss(out, stored[e, idx].to(device).float(), temperature)

@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Each stage of nrrdd on its own: throughput, peak memory, label storage, and how cost grows.
+
+Workload: Fashion-MNIST (real images, 28 px, the Debian package) with a conv3 teacher and student. The
+teacher is a seeded, untrained conv3 unless ``--teacher`` is given: speed does not depend on the weights.
+Every measurement runs in a fresh process, so its peak resident memory (process and workers, sampled every
+10 ms) is that stage's alone; on a GPU peak CUDA memory is recorded too.
+
+Rows (CSV format of every nrrdd benchmark, appended to ``--out``):
+
+* ``discover``   images/s: candidate images scored per second (``classes * mipc``), method nrrdd (CIDD);
+* ``refine``     image-steps/s: images x NRR iterations per second;
+* ``relabel``    samples/s for soft and DBR labels (``epochs * images``), and the bytes of the label file;
+* ``student``    samples/s of student training, eager and ``torch.compile`` (steady state, epochs after the
+                 first), and ``cold_compile`` s (first epoch minus a steady one);
+* ``evaluate``   images/s over the test split;
+* ``label_storage`` bytes per sample per epoch measured from files the label writer produced (soft vs DBR,
+  C = 10 and C = 1000 with random logits), and GB for ImageNet-1K at IPC 10/50/200 x 300 epochs, marked
+  ``extrapolated``;
+* ``scaling_<stage>_<param>``: the log-log slope of time (and of peak memory) against ipc, mipc and the
+  number of classes (1 = linear); plotted to ``--plots``.
+
+    python -m benchmarks.bench_stages --quick
+    python -m benchmarks.bench_stages --out benchmarks/results/latest_cpu.csv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import PeakMemory, Recorder, quantiles
+
+SIZES = {  # (full, quick)
+    "mipc": (300, 60), "ipc": (10, 5), "iterations": (20, 4), "epochs": (6, 3), "eval_images": (10000, 2000),
+    "mipc_points": ([50, 150, 300, 600], [50, 150]), "ipc_points": ([1, 10, 50], [1, 5]),
+    "class_points": ([2, 5, 10], [2, 5]),
+}
+
+
+# ---- one measurement, in its own process -------------------------------------------------------------
+def _class_subset(train, k: int):
+    """The first ``k`` classes of an in-memory training split as a dataset of its own."""
+    from nrrdd.data import TensorImageSet
+
+    base, idx = train.locate(torch.arange(len(train)))
+    keep = idx[base.labels[idx] < k]
+    return TensorImageSet(base.images[keep], base.labels[keep], base.classes[:k], size=base.size)
+
+
+def measure(p: dict) -> dict:
+    """Run one stage as described by ``p``; returns work done, seconds, and peak memory."""
+    from nrrdd.data import load_splits
+    from nrrdd.discover import discover
+    from nrrdd.models import build_model, load_model
+    from nrrdd.refine import refine
+    from nrrdd.relabel import relabel, save_labels
+    from nrrdd.train import evaluate, train_student
+
+    torch.set_num_threads(p["threads"])
+    dev = torch.device(p["device"])
+    sp = load_splits("fashion-mnist", val_per_class=500)
+    k = p.get("classes", 10)
+    train = _class_subset(sp.train, k) if k < 10 else sp.train
+    torch.manual_seed(0)
+    teacher = (load_model("conv3", p["teacher"], 10, 1, 28) if p.get("teacher") else build_model("conv3", 10, 1, 28))
+    teacher.to(dev).eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    prec = p["precision"]
+    ipc, stage = p["ipc"], p["stage"]
+    out: dict = {}
+
+    def syn_set():
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(k * ipc, 1, 28, 28, generator=g), torch.arange(k).repeat_interleave(ipc)
+
+    with PeakMemory() as mem:
+        t = time.perf_counter()
+        if stage == "discover":
+            discover("nrrdd", teacher, train, sp.normalizer, ipc=ipc, mipc=p["mipc"], num_crop=5, factor=1, seed=0,
+                     device=dev, precision=prec, show_progress=False)
+            out["work"] = k * p["mipc"]
+        elif stage == "refine":
+            x, y = syn_set()
+            refine(teacher, x, y, sp.normalizer.lo, sp.normalizer.hi, iterations=p["iterations"], device=dev,
+                   precision=prec, show_progress=False)
+            out["work"] = len(x) * p["iterations"]
+        elif stage == "relabel":
+            x, y = syn_set()
+            labels = relabel(teacher, x, y, mode=p["mode"], epochs=p["epochs"], seed=0, factor=1, device=dev,
+                             precision=prec, batch_size=50, show_progress=False)
+            out["work"] = len(x) * p["epochs"]
+            with tempfile.TemporaryDirectory() as d:
+                f = save_labels(Path(d) / "l.safetensors", labels, mode=p["mode"], seed=0, factor=1,
+                                cutmix_alpha=1.0, temperature=1.0, synthetic_sha256="-")
+                out["file_bytes"] = f.stat().st_size
+        elif stage == "student":
+            x, y = syn_set()
+            student = build_model("conv3", k, 1, 28)
+            ep = p["epochs"]
+            kw = dict(mode="online", batch_size=50, seed=0, factor=1, teacher=teacher, device=dev, precision=prec,
+                      compile=p["compile"], show_progress=False)
+            train_student(student, x, y, epochs=1, **kw)       # first epoch: compiles (when on), warms up
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            train_student(student, x, y, epochs=ep, **kw)
+            out["work"] = len(x) * ep
+            out["first_epoch_s"] = first
+        elif stage == "evaluate":
+            test = sp.test.subset(torch.arange(p["eval_images"]))
+            evaluate(teacher, test, sp.normalizer, device=dev, precision=prec, loader="torch")
+            out["work"] = p["eval_images"]
+        else:
+            raise ValueError(stage)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - t
+    out["peak_rss"] = mem.peak
+    if dev.type == "cuda":
+        out["peak_cuda"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def run_child(p: dict) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_stages", "--_child", json.dumps(p)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{p['stage']} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---- the suite ---------------------------------------------------------------------------------------
+def label_storage(rec: Recorder, table: list) -> None:
+    """Bytes per sample per epoch from files ``save_labels`` writes, then ImageNet-1K extrapolated."""
+    from nrrdd.relabel import save_labels
+
+    E, N = 2, 40
+    per = {}
+    with tempfile.TemporaryDirectory() as d:
+        for C in (10, 1000):
+            for mode, width in (("soft", C), ("dbr", 2)):
+                labels = torch.randn(E, N, width).half()
+                f = save_labels(Path(d) / f"{mode}{C}.safetensors", labels, mode=mode, seed=0, factor=1,
+                                cutmix_alpha=1.0, temperature=1.0, synthetic_sha256="-")
+                b = f.stat().st_size
+                # subtract the header: fit bytes = header + E*N*per_sample by writing two sizes
+                labels2 = torch.randn(2 * E, N, width).half()
+                f2 = save_labels(Path(d) / f"{mode}{C}b.safetensors", labels2, mode=mode, seed=0, factor=1,
+                                 cutmix_alpha=1.0, temperature=1.0, synthetic_sha256="-")
+                per_se = (f2.stat().st_size - b) / (E * N)
+                per[(mode, C)] = per_se
+                shape = f"C{C} E{E} N{N}"
+                rec.add("label_storage", mode, shape, "file_size", "bytes", b, b, b)
+                rec.add("label_storage", mode, shape, "per_sample_epoch", "bytes", per_se, per_se, per_se)
+                table.append(("label_storage", mode, shape, f"{per_se:.0f} B/sample/epoch", f"file {b} B"))
+    for ipc in (10, 50, 200):
+        for mode in ("soft", "dbr"):
+            gb = per[(mode, 1000)] * ipc * 1000 * 300 / 1e9
+            shape = f"imagenet1k ipc{ipc} E300 (extrapolated)"
+            rec.add("label_storage", mode, shape, "extrapolated_size", "GB", gb, gb, gb)
+            table.append(("label_storage", mode, shape, f"{gb:.2f} GB", "extrapolated"))
+
+
+def fit_slope(xs, ys) -> float:
+    """Least-squares slope of log(y) on log(x): the exponent of y ~ x^a."""
+    lx, ly = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer points (a CPU smoke run)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per throughput point (default 3, quick 1)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", help="fp32 | bf16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--teacher", default=None, help="a conv3 Fashion-MNIST checkpoint (default: untrained)")
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: throughput memory storage scaling")
+    ap.add_argument("--out", default="benchmarks/results/stages.csv", help="CSV file (rows are appended)")
+    ap.add_argument("--plots", default="benchmarks/results/plots", help="folder for the scaling plots")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        print(json.dumps(measure(json.loads(args._child))))
+        return 0
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = 1 if args.quick else 0
+    size = {k: v[q] for k, v in SIZES.items()}
+    reps = args.repeats or (1 if args.quick else 3)
+    base = dict(device=args.device, precision=args.precision, threads=args.threads, teacher=args.teacher,
+                ipc=size["ipc"], mipc=size["mipc"], iterations=size["iterations"], epochs=size["epochs"],
+                eval_images=size["eval_images"])
+    rec = Recorder(torch.device(args.device))
+    table: list = []
+    t_all = time.perf_counter()
+
+    def point(name, provider, shape, unit, p, work_unit_fn=None):
+        runs = [run_child(p) for _ in range(reps)]
+        rates = [r["work"] / r["seconds"] for r in runs]
+        med, p20, p80 = quantiles(rates)
+        rec.add(name, provider, shape, "throughput", unit, med, p20, p80)
+        rss = max(r["peak_rss"] for r in runs) / 2**20
+        rec.add(name, provider, shape, "peak_rss", "MiB", rss, rss, rss)
+        if "peak_cuda" in runs[0]:
+            c = max(r["peak_cuda"] for r in runs) / 2**20
+            rec.add(name, provider, shape, "peak_cuda", "MiB", c, c, c)
+        table.append((name, provider, shape, f"{med:,.0f} {unit}", f"peak RSS {rss:.0f} MiB"))
+        print(f"  {name:<10} {provider:<14} {shape:<28} {med:>10,.1f} {unit:<14} RSS {rss:6.0f} MiB",
+              file=sys.stderr, flush=True)
+        return runs, med
+
+    if "throughput" not in args.skip:
+        sz = f"fmnist c10 ipc{size['ipc']}"
+        point("discover", "nrrdd", f"fmnist c10 mipc{size['mipc']}", "images/s", dict(base, stage="discover"))
+        point("refine", "nrr", f"{sz} it{size['iterations']}", "image-steps/s", dict(base, stage="refine"))
+        for mode in ("soft", "dbr"):
+            runs, _ = point("relabel", mode, f"{sz} E{size['epochs']}", "samples/s",
+                            dict(base, stage="relabel", mode=mode))
+            b = runs[0]["file_bytes"]
+            rec.add("relabel", mode, f"{sz} E{size['epochs']}", "file_size", "bytes", b, b, b)
+        for comp in (False, True):
+            prov = "torch-compile" if comp else "torch-eager"
+            runs, med = point("student", prov, f"{sz} E{size['epochs']} b50", "samples/s",
+                              dict(base, stage="student", compile=comp))
+            steady_epoch = size["ipc"] * 10 / med
+            cold = [max(0.0, r["first_epoch_s"] - steady_epoch) for r in runs]
+            c, c20, c80 = quantiles(cold)
+            rec.add("student", prov, f"{sz} E{size['epochs']} b50", "cold_compile", "s", c, c20, c80)
+            table.append(("student", prov, "first epoch overhead", f"{c:.1f} s", ""))
+        point("evaluate", "torch", f"fmnist test {size['eval_images']}", "images/s", dict(base, stage="evaluate"))
+
+    scaling = []
+    if "memory" not in args.skip or "scaling" not in args.skip:
+        xs, ts, ms = [], [], []
+        for m in size["mipc_points"]:
+            r = run_child(dict(base, stage="discover", mipc=m))
+            xs.append(m), ts.append(r["seconds"]), ms.append(r["peak_rss"] / 2**20)
+            rec.add("discover_memory", "nrrdd", f"fmnist c10 mipc{m}", "peak_rss", "MiB", ms[-1], ms[-1], ms[-1])
+            table.append(("discover_memory", "nrrdd", f"mipc {m}", f"peak RSS {ms[-1]:.0f} MiB", f"{ts[-1]:.1f} s"))
+        scaling.append(("discover", "mipc", xs, ts, ms))
+    if "scaling" not in args.skip:
+        for param, pts, stage in (("classes", size["class_points"], "discover"), ("ipc", size["ipc_points"], "refine"),
+                                  ("ipc", size["ipc_points"], "student")):
+            xs, ts, ms = [], [], []
+            for v in pts:
+                p = dict(base, stage=stage, compile=False, **{param: v})
+                if stage == "student":
+                    p["epochs"] = 2
+                r = run_child(p)
+                xs.append(v), ts.append(r["seconds"]), ms.append(r["peak_rss"] / 2**20)
+            scaling.append((stage, param, xs, ts, ms))
+        for stage, param, xs, ts, ms in scaling:
+            a_t, a_m = fit_slope(xs, ts), fit_slope(xs, ms)
+            rec.add(f"scaling_{stage}_{param}", "nrrdd", f"{param} {xs[0]}..{xs[-1]}", "time_exponent", "1",
+                    a_t, a_t, a_t)
+            rec.add(f"scaling_{stage}_{param}", "nrrdd", f"{param} {xs[0]}..{xs[-1]}", "memory_exponent", "1",
+                    a_m, a_m, a_m)
+            table.append((f"scaling_{stage}", param, f"{xs}", f"time ~ {param}^{a_t:.2f}", f"memory ~ {param}^{a_m:.2f}"))
+        plot_scaling(scaling, Path(args.plots))
+    if "storage" not in args.skip:
+        label_storage(rec, table)
+
+    out = Path(args.out)
+    rec.write_csv(out)
+    print(f"\ndevice: {rec.common['device']}   torch {rec.common['torch_version']}   nrrdd "
+          f"{rec.common['package_version']}   precision {args.precision}")
+    for row in table:
+        print("{:<16} {:<14} {:<40} {:<26} {}".format(*row))
+    print(f"\n{len(rec.rows)} rows appended to {out} ({time.perf_counter() - t_all:.0f} s)")
+    return 0
+
+
+def plot_scaling(scaling, out_dir: Path) -> None:
+    """One PNG: time and peak memory of each stage against its parameter, log-log, with the fitted slope."""
+    if not scaling:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nrrdd.io import atomic_save_figure
+
+    fig, axes = plt.subplots(2, len(scaling), figsize=(3.2 * len(scaling), 5.5), squeeze=False)
+    for j, (stage, param, xs, ts, ms) in enumerate(scaling):
+        for i, (ys, what) in enumerate(((ts, "time (s)"), (ms, "peak RSS (MiB)"))):
+            ax = axes[i][j]
+            ax.loglog(xs, ys, "o-")
+            ax.set_title(f"{stage} vs {param}: slope {fit_slope(xs, ys):.2f}", fontsize=9)
+            ax.set_xlabel(param)
+            ax.set_ylabel(what)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_figure(out_dir / "scaling_stages.png", fig)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

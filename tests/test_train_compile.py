@@ -1,0 +1,32 @@
+"""torch.compile'd student training: same result as eager, and one compile per batch shape, not per batch.
+
+One cold compile on the CPU (~20-40 s): the only compile in the test suite."""
+import torch
+
+from nrrdd.models import build_model
+from nrrdd.train import train_student
+
+
+def _train(compile: bool):
+    torch.manual_seed(0)
+    student = build_model("conv3", 4, 1, 16)
+    teacher = build_model("conv3", 4, 1, 16).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 1, 16, 16, generator=g), torch.arange(20) % 4
+    train_student(student, x, y, mode="online", epochs=3, batch_size=8, seed=0, factor=1, teacher=teacher,
+                  compile=compile, show_progress=False)
+    return student
+
+
+def test_compiled_student_training_matches_eager_and_compiles_once_per_shape():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = _train(False)
+    compiled = _train(True)
+    # 3 epochs x 3 batches (8, 8, 4): two batch shapes, each compiled once for the student and the teacher
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 2 <= frames <= 4, dict(torch._dynamo.utils.counters["stats"])
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-4, rtol=2e-3, msg=name)
