@@ -105,11 +105,11 @@ class RunConfig:
         return self.dataset != "mnist"
 
     def resolved_compile(self, device_type: str) -> bool:
-        """torch.compile for student training where it was measured to pay (benchmarks/README.md): on CUDA
-        and on CPU; ``--no-compile`` turns it off (e.g. for a short run, where the cold compile dominates)."""
+        """torch.compile for student training where it pays: on CUDA; off on the CPU, where it was measured
+        (benchmarks/README.md) not to repay its cold compile. ``--compile`` / ``--no-compile`` decide."""
         if self.compile is not None:
             return self.compile
-        return True
+        return device_type == "cuda"
 
     def resolved_batch_size(self, num_classes: int) -> int:
         """RDED's student batch size rule, capped at the synthetic set size."""
