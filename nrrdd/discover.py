@@ -64,30 +64,32 @@ def _class_candidates(train: ImageSet, c: int, mipc: int, seed: int) -> torch.Te
 
 @torch.no_grad()
 def score_candidates(method: str, teacher: nn.Module, image: torch.Tensor, crops: torch.Tensor, boxes: torch.Tensor,
-                     c: int, cam: str = "auto", precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Score one batch of candidate images of class ``c``.
+                     y: torch.Tensor, cam: str = "auto", precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Score one batch of candidate images, each for its own class ``y`` [b].
 
     image [b, C, S, S] and crops [b, K, C, s, s] normalised; boxes [b, K, 4]. Returns (kept crop per image
     [b], score [b]). RDED keeps per image the crop of lowest cross-entropy and per class the lowest
     scores; CIDD keeps per image the crop of highest CAM ratio, scored by its softmax probability.
+    The whole batch goes through the teacher at once, whatever classes it mixes.
     """
     b, K = crops.shape[:2]
     S = image.shape[-1]
+    y = y.to(image.device)
+    rows = torch.arange(b, device=image.device)
     if method == "rded":
         with autocast(image.device, precision):
             logits = teacher(pad_to(crops.flatten(0, 1), S)).float()
-        ce = -logits.log_softmax(1)[:, c].view(b, K)
+        ce = -logits.log_softmax(1)[torch.arange(b * K, device=y.device), y.repeat_interleave(K)].view(b, K)
         score, best = ce.min(1)
         return best, score
     if method == "nrrdd":
-        y = torch.full((b,), c, dtype=torch.long, device=image.device)
         with autocast(image.device, precision):
             cmap = class_activation_map(teacher, image, y, method=cam)
         best = cam_ratio(cmap, boxes).argmax(1)
-        kept = crops[torch.arange(b, device=crops.device), best.to(crops.device)]
+        kept = crops[rows.to(crops.device), best.to(crops.device)]
         with autocast(image.device, precision):
             logits = teacher(pad_to(kept, S)).float()
-        return best, logits.softmax(1)[:, c]
+        return best, logits.softmax(1)[rows, y]
     raise ValueError(f"unknown discovery method {method!r}")
 
 
@@ -165,20 +167,21 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
     kept = [_Kept(n_patch, descending=method == "nrrdd" and keep == "high") for _ in range(n_classes)]
     for batch in progress(src, desc=f"discover[{method}]", enable=show_progress,
                           total=-(-len(order) // batch_size)):
+        if method == "random":
+            best = torch.zeros(len(batch.index), dtype=torch.long)
+            score = torch.full((len(batch.index),), float("nan"))
+            key = position[batch.index].float()
+        else:
+            best, score = score_candidates(method, teacher, batch.image, batch.crops, batch.boxes, batch.label,
+                                           cam, precision)
+            best, score = best.cpu(), score.float().cpu()
+            key = score
+        rows = torch.arange(len(batch.index))
+        box = batch.boxes[rows, best]
+        crop = batch.crops[rows.to(batch.crops.device), best.to(batch.crops.device)]
         for c in batch.label.unique().tolist():
             m = batch.label == c
-            idx, crops, boxes = batch.index[m], batch.crops[m.to(batch.crops.device)], batch.boxes[m]
-            if method == "random":
-                best = torch.zeros(len(idx), dtype=torch.long)
-                score = torch.full((len(idx),), float("nan"))
-                key = position[idx].float()
-            else:
-                best, score = score_candidates(method, teacher, batch.image[m.to(batch.image.device)], crops, boxes,
-                                               c, cam, precision)
-                best, score = best.cpu(), score.float().cpu()
-                key = score
-            rows = torch.arange(len(idx))
-            kept[c].add(key, score, idx, boxes[rows, best], crops[rows.to(crops.device), best.to(crops.device)])
+            kept[c].add(key[m], score[m], batch.index[m], box[m], crop[m.to(crop.device)])
     base, _ = train.locate([])
     files = getattr(base, "samples", None)
     images, labels, sources = [], [], []

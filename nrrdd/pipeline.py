@@ -290,20 +290,21 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     teacher = load_teacher(ctx) if label_mode == "online" else None
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, len(sp.classes), sp.channels, sp.size, cfg.student_kwargs)
+    compiled = cfg.resolved_compile(ctx.device.type, images.shape[0])
     with _timed(ctx, "train"):
         train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
                       batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed, factor=ctx.factor,
                       teacher=teacher, stored=stored, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       temperature=cfg.temperature, cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr,
                       dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
-                      precision=ctx.precision, compile=cfg.resolved_compile(ctx.device.type),
+                      precision=ctx.precision, compile=compiled,
                       show_progress=show_progress)
     with _timed(ctx, "evaluate"):
         skipped: list = []
         test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
         val = evaluate(student, sp.val, sp.normalizer, **_eval_kw(ctx, skipped))
     result = {"labels": label_mode, "student": cfg.student, "seed": cfg.seed, "test_top1": test, "val_top1": val,
-              "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs,
+              "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs, "compiled": compiled,
               "timings": dict(ctx.timings)}
     atomic_write_json(out, result)
     write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(), **_provenance(ctx), results=result,
