@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Each stage of nrrdd on its own: throughput, peak memory, label storage, and how cost grows.
 
-Workload: Fashion-MNIST (real images, 28 px, the Debian package) with a conv3 teacher and student. The
+Workload: Fashion-MNIST (real images, 28 px, the Debian package) with a conv3 teacher and student, at the
+precision runs use (`--precision auto`: bf16 autocast where the hardware has bf16 units). The
 teacher is a seeded, untrained conv3 unless ``--teacher`` is given: speed does not depend on the weights.
 Every measurement runs in a fresh process, so its peak resident memory (process and workers, sampled every
 10 ms) is that stage's alone; on a GPU peak CUDA memory is recorded too.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -131,8 +132,10 @@ def measure(p: dict) -> dict:
 
 
 def run_child(p: dict) -> dict:
+    """One measurement in a fresh process, with an empty torch.compile cache (so a compile is cold)."""
     cmd = [sys.executable, "-m", "benchmarks.bench_stages", "--_child", json.dumps(p)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="nrrdd_inductor_") as cache:
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
     if res.returncode != 0:
         raise RuntimeError(f"{p['stage']} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer points (a CPU smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per throughput point (default 3, quick 1)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="fp32", help="fp32 | bf16")
+    ap.add_argument("--precision", default="auto", help="auto (as runs: bf16 where the hardware has it) | fp32 | bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default=None, help="a conv3 Fashion-MNIST checkpoint (default: untrained)")
     ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: throughput memory storage scaling")
@@ -194,6 +197,9 @@ def main(argv=None) -> int:
         return 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from nrrdd.runtime import resolve_precision
+
+    args.precision = resolve_precision(args.precision, torch.device(args.device))
     q = 1 if args.quick else 0
     size = {k: v[q] for k, v in SIZES.items()}
     reps = args.repeats or (1 if args.quick else 3)
@@ -220,8 +226,9 @@ def main(argv=None) -> int:
         return runs, med
 
     if "throughput" not in args.skip:
-        sz = f"fmnist c10 ipc{size['ipc']}"
-        point("discover", "nrrdd", f"fmnist c10 mipc{size['mipc']}", "images/s", dict(base, stage="discover"))
+        sz = f"fmnist c10 ipc{size['ipc']} {args.precision}"
+        point("discover", "nrrdd", f"fmnist c10 mipc{size['mipc']} {args.precision}", "images/s",
+              dict(base, stage="discover"))
         point("refine", "nrr", f"{sz} it{size['iterations']}", "image-steps/s", dict(base, stage="refine"))
         for mode in ("soft", "dbr"):
             runs, _ = point("relabel", mode, f"{sz} E{size['epochs']}", "samples/s",
@@ -237,7 +244,8 @@ def main(argv=None) -> int:
             c, c20, c80 = quantiles(cold)
             rec.add("student", prov, f"{sz} E{size['epochs']} b50", "cold_compile", "s", c, c20, c80)
             table.append(("student", prov, "first epoch overhead", f"{c:.1f} s", ""))
-        point("evaluate", "torch", f"fmnist test {size['eval_images']}", "images/s", dict(base, stage="evaluate"))
+        point("evaluate", "torch", f"fmnist test {size['eval_images']} {args.precision}", "images/s",
+              dict(base, stage="evaluate"))
 
     scaling = []
     if "memory" not in args.skip or "scaling" not in args.skip:
@@ -295,7 +303,14 @@ def plot_scaling(scaling, out_dir: Path) -> None:
     for j, (stage, param, xs, ts, ms) in enumerate(scaling):
         for i, (ys, what) in enumerate(((ts, "time (s)"), (ms, "peak RSS (MiB)"))):
             ax = axes[i][j]
-            ax.loglog(xs, ys, "o-")
+            ax.plot(xs, ys, "o-")
+            ax.set_xscale("log")
+            if i == 0:
+                ax.set_yscale("log")
+            else:                                   # memory: linear from 0, so "flat" looks flat
+                ax.set_ylim(0, 1.2 * max(ys))
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
             ax.set_title(f"{stage} vs {param}: slope {fit_slope(xs, ys):.2f}", fontsize=9)
             ax.set_xlabel(param)
             ax.set_ylabel(what)

@@ -108,10 +108,11 @@ class RunConfig:
         return self.dataset != "mnist"
 
     def resolved_compile(self, device_type: str, n_images: int) -> bool:
-        """torch.compile student training where it pays. On CUDA always. On the CPU its cold compile (~13 s for
-        conv3) is repaid only by long runs: measured on 2 cores (bf16) it saved 6% per step at IPC 10 and 16%
-        at IPC 50, so it is on from ``CPU_COMPILE_MIN_SAMPLES`` training samples (epochs x images; IPC 50 x 10
-        classes x 300 epochs = 150k: on; IPC 10: 30k: off). ``--compile`` / ``--no-compile`` decide."""
+        """torch.compile student training where it pays. On CUDA always. On the CPU only for long runs: measured
+        on 2 cores (conv3, bf16, benchmarks/README.md) a cold compile costs ~24 s and then saves ~18% per
+        step, which breaks even near 60k training samples (epochs x images); it is on from
+        ``CPU_COMPILE_MIN_SAMPLES`` = 100k (IPC 50 x 10 classes x 300 epochs = 150k: on; IPC 10: 30k: off).
+        ``--compile`` / ``--no-compile`` decide."""
         if self.compile is not None:
             return self.compile
         return device_type == "cuda" or self.epochs * n_images >= CPU_COMPILE_MIN_SAMPLES
