@@ -26,7 +26,7 @@ Guarantees on masked-out pixels (``mask == 0``):
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch.autograd.graph import increment_version
@@ -324,11 +324,42 @@ def masked_adam_(
     ``lo``/``hi``: None or per-channel [C] bounds.  ``step`` is the 1-based step count.
     """
     be = resolve_backend(backend, x, grad, exp_avg, exp_avg_sq, mask)
-    fn = masked_adam_triton_ if be == "triton" else masked_adam_reference_
-    fn(
-        x, grad, mask, exp_avg, exp_avg_sq,
-        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi,
-    )
+    if be == "triton":
+        # through the registered op: opaque to torch.compile (no graph break), mutation declared
+        b = _bounds_tensors(lo, hi, x.shape[1], x.device)
+        torch.ops.nrrdd.masked_adam_triton_(
+            x, grad, mask, exp_avg, exp_avg_sq, float(step), float(lr), float(beta1), float(beta2), float(eps),
+            b[0] if b is not None else None, b[1] if b is not None else None,
+        )
+    else:  # plain PyTorch: traceable, so torch.compile fuses it itself
+        masked_adam_reference_(
+            x, grad, mask, exp_avg, exp_avg_sq,
+            step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi,
+        )
+
+
+@torch.library.custom_op("nrrdd::masked_adam_triton_", mutates_args=("x", "exp_avg", "exp_avg_sq"))
+def _masked_adam_triton_op(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lo: Optional[torch.Tensor],
+    hi: Optional[torch.Tensor],
+) -> None:
+    masked_adam_triton_(x, grad, mask, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        lo=lo, hi=hi)
+
+
+@_masked_adam_triton_op.register_fake
+def _(x, grad, mask, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lo, hi) -> None:
+    return None
 
 
 # ----------------------------------------------------------------------------

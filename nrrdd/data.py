@@ -145,14 +145,17 @@ class SubsetImageSet(ImageSet):
         return h.hexdigest()
 
 
+# How far from a file's end check_image_file looks for the end marker: room for appended metadata and
+# camera trailers, while an EXIF thumbnail's own marker (near the start of the file) stays out of reach.
+TAIL_BYTES = 4096
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm", ".tif", ".tiff", ".webp"}
 
 
 def check_image_file(path: str | Path) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it looks decodable.
 
-    Cheap (reads a few bytes at each end, no decoding), so both loaders can run it on every candidate
-    before decoding: a DALI pipeline that meets an undecodable file stops for good, so files are screened
+    Cheap (reads the first 16 bytes and the last TAIL_BYTES, no decoding), so both loaders can run it on
+    every candidate before decoding: a DALI pipeline that meets an undecodable file stops for good, so files are screened
     first. Formats are those both decoders read (JPEG, PNG, BMP, TIFF, WebP, PNM); GIF is refused because
     DALI cannot decode it.
     """
@@ -162,15 +165,16 @@ def check_image_file(path: str | Path) -> str | None:
             return "empty file (0 bytes)"
         with open(path, "rb") as f:
             head = f.read(16)
-            f.seek(max(0, n - 64))
-            tail = f.read(64)
+            f.seek(max(0, n - TAIL_BYTES))
+            tail = f.read(TAIL_BYTES)
     except OSError as e:
         return f"cannot read: {e}"
+    # the end marker may be followed by trailing data: look for it in the last TAIL_BYTES
     if head.startswith(b"\xff\xd8\xff"):
-        if not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        if b"\xff\xd9" not in tail:
             return "truncated JPEG (no end-of-image marker)"
     elif head.startswith(b"\x89PNG\r\n\x1a\n"):
-        if b"IEND" not in tail[-16:]:
+        if b"IEND" not in tail:
             return "truncated PNG (no IEND chunk)"
     elif head.startswith(b"GIF8"):
         return "GIF is not supported (the DALI decoder cannot read it); convert it to PNG"

@@ -154,9 +154,10 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
             raise ValueError(f"class {c} ({train.classes[c]!r}) has {len(cand)} candidate images (mipc={mipc}) "
                              f"but {n_patch} patches are needed (ipc={ipc}, factor={factor})")
         cands.append(cand)
-    if method == "random":      # each whole image is one patch; the first n_patch usable candidates
-        full = np.array([[0, 0, S, S]], dtype=np.int64)
+    if method == "random":      # each whole image is one patch: the first n_patch usable candidates, out of
+        full = np.array([[0, 0, S, S]], dtype=np.int64)         # 2 x n_patch read (spares for bad files)
         boxes_fn = lambda i: full  # noqa: E731
+        cands = [cand[:2 * n_patch] for cand in cands]
     else:
         boxes_fn = lambda i: candidate_boxes(seed, i, num_crop, S, crop_scale)  # noqa: E731
     order = torch.cat(cands)

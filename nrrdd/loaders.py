@@ -52,7 +52,10 @@ class PatchBatch:
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:                 # no `nvidia` namespace at all (CPU-only installs)
+        return False
 
 
 def resolve_loader(loader: str, data: ImageSet) -> str:
@@ -223,49 +226,53 @@ class _DaliRunner:
 
     def batches(self) -> Iterator[PatchBatch]:
         chunks = [self.jobs[s:s + self.src.batch_size] for s in range(0, len(self.jobs), self.src.batch_size)]
-        start = 0
-        while start < len(chunks):
-            pipe = self._pipeline(chunks[start:], self.src.batch_size)
-            done = start
-            try:
-                while done < len(chunks):
+        done = 0
+        while done < len(chunks):
+            pipe = self._pipeline(chunks[done:], self.src.batch_size)
+            failed = None
+            while done < len(chunks):
+                try:
                     outs = pipe.run()
-                    yield self._to_batch(chunks[done], outs)
-                    done += 1
-            except StopIteration:
-                done = len(chunks)
-            except RuntimeError:
-                # the failing batch is the next one or (prefetching) the one after
-                bad = [j for c in chunks[done:done + 2] for j in c if not self._decodes(j)]
-                if not bad:
-                    raise
-                for j in bad:
-                    self.src.skipped.append((j.path, "cannot decode: DALI's image decoder failed on it"))
-                bad_ids = {id(j) for j in bad}
-                for k in range(done, min(done + 2, len(chunks))):
-                    chunks[k] = [j for j in chunks[k] if id(j) not in bad_ids]
-                chunks = chunks[:done] + [c for c in chunks[done:] if c]
-            finally:
-                del pipe
-            start = done
+                except StopIteration:
+                    break
+                except RuntimeError as e:
+                    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                        raise
+                    failed = e
+                    break
+                yield self._to_batch(chunks[done], outs)
+                done += 1
+            del pipe
+            if failed is None:
+                break
+            # the failing batch is the next one or (prefetching) the one after: find its bad files with the
+            # CPU decoder alone, skip them, and resume from that batch in a new pipeline
+            bad = [j for c in chunks[done:done + 2] for j in c if not self._decodes(j)]
+            if not bad:
+                raise failed
+            for j in bad:
+                self.src.skipped.append((j.path, "cannot decode: DALI's image decoder failed on it"))
+            bad_ids = {id(j) for j in bad}
+            for k in range(done, min(done + 2, len(chunks))):
+                chunks[k] = [j for j in chunks[k] if id(j) not in bad_ids]
+            chunks = chunks[:done] + [c for c in chunks[done:] if c]
 
     def _decodes(self, job: _Job) -> bool:
-        """Does DALI's decoder alone accept this file? (Decoding only, so a fault elsewhere in the
-        pipeline is re-raised instead of being blamed on the files.)"""
+        """Does DALI's CPU decoder alone accept this file? (Decoding only and on the CPU, so neither a fault
+        elsewhere in the pipeline nor a full GPU is blamed on the file.)"""
         from nvidia.dali import fn, pipeline_def, types
 
-        @pipeline_def(batch_size=1, num_threads=1, device_id=self.src.device.index or 0 if self.gpu else None)
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
         def pipe():
             enc = fn.external_source(source=lambda: [np.fromfile(job.path, dtype=np.uint8)], batch=True)
-            return fn.decoders.image(enc, device="mixed" if self.gpu else "cpu", output_type=types.RGB,
-                                     adjust_orientation=False)
+            return fn.decoders.image(enc, device="cpu", output_type=types.RGB, adjust_orientation=False)
 
         p = pipe()
         p.build()
         try:
             p.run()
             return True
-        except RuntimeError:
+        except (RuntimeError, OSError):
             return False
 
     def _pipeline(self, chunks: list[list[_Job]], batch_size: int):
@@ -276,7 +283,18 @@ class _DaliRunner:
 
         def feed():
             for chunk in chunks:
-                enc = [np.fromfile(j.path, dtype=np.uint8) for j in chunk]
+                enc, kept = [], []
+                for j in chunk:
+                    try:
+                        enc.append(np.fromfile(j.path, dtype=np.uint8))
+                        kept.append(j)
+                    except OSError as e:            # changed or removed since it was screened
+                        self.src.skipped.append((j.path, f"cannot read: {e}"))
+                if not kept:
+                    raise RuntimeError(f"every file of a batch became unreadable during the run "
+                                       f"({chunk[0].path}, ...)")
+                chunk[:] = kept                     # in place: batches() pairs outputs with this list
+
                 hw = [np.array(j.geom[:2], dtype=np.float32) for j in chunk]
                 anchor = [np.array(j.geom[2:], dtype=np.int32) for j in chunk]
                 rois = []
@@ -321,9 +339,14 @@ def _dali_to_torch(tl) -> torch.Tensor:
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     t = tl.as_tensor()
-    dev = torch.device("cuda", torch.cuda.current_device()) if type(t).__name__ == "TensorGPU" else "cpu"
-    out = torch.empty(t.shape(), dtype=torch.float32, device=dev)
-    feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream() if dev != "cpu" else None)
+    if type(t).__name__ != "TensorGPU":
+        out = torch.empty(t.shape(), dtype=torch.float32)
+        feed_ndarray(t, out)
+        return out
+    dev = torch.device("cuda", t.device_id())            # the GPU the pipeline ran on
+    with torch.cuda.device(dev):
+        out = torch.empty(t.shape(), dtype=torch.float32, device=dev)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev))
     return out
 
 

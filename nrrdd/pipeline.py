@@ -120,8 +120,9 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
                       batch_size=cfg.teacher_batch_size, seed=cfg.seed, flip=cfg.dataset != "mnist",
                       device=ctx.device, precision=ctx.precision, show_progress=show_progress)
     with _timed(ctx, "evaluate"):
-        test = evaluate(model, sp.test, sp.normalizer, **_eval_kw(ctx))
-        val = evaluate(model, sp.val, sp.normalizer, **_eval_kw(ctx))
+        skipped: list = []
+        test = evaluate(model, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
+        val = evaluate(model, sp.val, sp.normalizer, **_eval_kw(ctx, skipped))
     atomic_torch_save(ckpt, {"model": {k: v.cpu() for k, v in model.state_dict().items()}})
     meta = {"arch": cfg.arch, "arch_kwargs": parse_model_kwargs(cfg.arch_kwargs), "dataset": cfg.dataset,
             "classes": sp.classes, "channels": sp.channels, "input_size": sp.size, "test_top1": test, "val_top1": val,
@@ -129,7 +130,8 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     atomic_write_json(teacher_meta_path(ckpt), meta)
     cfg.replace(teacher=str(ckpt)).save(out / "config_teacher.json")
     write_manifest(out, stage="train_teacher", config=cfg.to_dict(), **_provenance(ctx),
-                   teacher_sha256=meta["sha256"], timings=ctx.timings, results={"test_top1": test, "val_top1": val})
+                   teacher_sha256=meta["sha256"], timings=ctx.timings, results={"test_top1": test, "val_top1": val},
+                   skipped_files=[{"file": p, "reason": r} for p, r in skipped])
     return {"checkpoint": str(ckpt), **meta, "timings": dict(ctx.timings)}
 
 

@@ -39,7 +39,7 @@ def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_
     """Top-1 accuracy (%) of ``model`` on ``data``, read through :func:`nrrdd.loaders.image_batches`.
 
     Images that cannot be decoded are left out of the accuracy and appended to ``skipped`` as
-    (path, reason)."""
+    (path, reason); callers record them next to the accuracy."""
     from .loaders import image_batches
 
     model.eval()
@@ -52,7 +52,9 @@ def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_
         seen += len(b.label)
     if skipped is not None:
         skipped += src.skipped
-    return 100.0 * correct / max(1, seen)
+    if seen == 0:
+        raise ValueError(f"no image of the {len(data)} to evaluate could be decoded: {src.skipped[:3]}")
+    return 100.0 * correct / seen
 
 
 def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, epochs: int, lr: float,

@@ -467,3 +467,28 @@ def test_dbr_torch_compile_fullgraph(backend):
     for gc, p in zip(grads_c, model.parameters()):
         torch.testing.assert_close(gc, p.grad, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+@needs_triton
+def test_masked_adam_op_opcheck_and_compiles_without_graph_break():
+    """The Triton masked Adam is the registered op nrrdd::masked_adam_triton_ (declared in-place on x, m,
+    v), so a compiled refinement step keeps it in one graph, with the reference's result."""
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, 5, 6)
+    x, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    mask = (torch.rand(2, 1, 5, 6, generator=g) > 0.4).float()
+    lo, hi = torch.full((3,), -1.0), torch.full((3,), 1.0)
+    args = (x.clone(), grad, mask, torch.zeros(shape), torch.zeros(shape), 1.0, 0.1, 0.5, 0.9, 1e-8, lo, hi)
+    torch.library.opcheck(torch.ops.nrrdd.masked_adam_triton_.default, args)
+
+    def step(x, m, v):
+        masked_adam_(x, grad, mask, m, v, step=1, lr=0.1, lo=lo, hi=hi, backend="triton")
+        return x * 2
+
+    ref = [x.clone(), torch.zeros(shape), torch.zeros(shape)]
+    masked_adam_(ref[0], grad, mask, ref[1], ref[2], step=1, lr=0.1, lo=lo, hi=hi, backend="torch")
+    got = [x.clone(), torch.zeros(shape), torch.zeros(shape)]
+    out = torch.compile(step, fullgraph=True)(*got)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, 2 * ref[0], atol=1e-6, rtol=1e-5)

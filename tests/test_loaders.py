@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,38 @@ def test_folder_classes_not_matching_the_teacher_stop_the_run(fm_folder_teacher,
     err = capsys.readouterr().err
     assert "do not match those teacher" in err and "missing ['00009']" in err and "unexpected ['boots']" in err
     assert not (tmp_path / "o").exists()
+
+
+@needs_jpegs
+def test_screening_accepts_trailing_data_and_rejects_truncation(tmp_path):
+    from nrrdd.data import check_image_file
+
+    data = imagenet_jpegs()[0].read_bytes()
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(data + b"CAMERA-TRAILER" * 8)            # appended metadata after the end marker
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[:-5000])
+    assert check_image_file(trailer) is None
+    assert "truncated JPEG" in check_image_file(cut)
+
+
+@needs_jpegs
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undecodable_files_anywhere_in_the_stream_are_skipped_once(tmp_path, backend):
+    """Files that pass screening but fail decoding, in the first, a middle and the last batch (and two
+    batches in a row): each is skipped, every good image arrives exactly once, in order."""
+    cases = bad_input_folder(tmp_path / "src")
+    corrupt = cases["corrupt_png"].read_bytes()
+    root = tmp_path / "d"
+    (root / "c").mkdir(parents=True)
+    for k, f in enumerate(imagenet_jpegs()[:7]):
+        (root / "c" / f"{2 * k + 1:02d}.jpg").write_bytes(f.read_bytes())
+    bad_names = ["00.png", "04.png", "06.png", "14.png"]    # batches of 2: the first, 2nd and 3rd, the last
+    for name in bad_names:
+        (root / "c" / name).write_bytes(corrupt)
+    data = FolderImageSet(root, 32)
+    src = PatchSource(data, torch.arange(len(data)), IMAGENET_NORM, loader=backend, batch_size=2, workers=1)
+    out = read_all(src)
+    assert sorted(Path(p).name for p, _ in src.skipped) == bad_names
+    names = [Path(data.samples[i][0]).name for i in out["index"].tolist()]
+    assert names == [f"{2 * k + 1:02d}.jpg" for k in range(7)]
