@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="results JSON, continued when it exists; the table goes beside it as .md "
                         "(default: <out>/compare.json)")
     _add_config_flags(p)
+    p = sub.add_parser("check", help="before the expensive work: dataset layout and files, images per class vs "
+                                     "mipc, teacher checkpoint, class order and accuracy, output folder")
+    p.add_argument("--val-images", type=int, default=500, help="validation images for the teacher's accuracy")
+    _add_config_flags(p)
     p = sub.add_parser("show-config", help="print the resolved config as JSON")
     _add_config_flags(p)
 
@@ -137,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "show-config":
             _print(cfg.to_dict())
+        elif ns.command == "check":
+            from .check import format_findings, run_check
+
+            findings = run_check(cfg, val_images=ns.val_images)
+            print(format_findings(findings))
+            return 1 if any(f.level == "error" for f in findings) else 0
         elif ns.command == "train-teacher":
             _print(pipeline.run_train_teacher(cfg))
         elif ns.command == "distill":

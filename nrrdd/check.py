@@ -1,0 +1,127 @@
+"""``nrrdd check``: find what would make a run fail or mislead, before the expensive work.
+
+Checks, in order (a failed check that later ones depend on stops the list):
+
+1. the dataset loads: files present, folder layout (class folders, no empty class, test classes = train
+   classes);
+2. image files (image folders): every training file screened as the loaders screen it; unreadable files
+   are counted per class and listed (a run would skip them);
+3. images per class against ``mipc`` and against the ``ipc * factor**2`` patches discovery needs;
+4. the teacher: checkpoint loads with ``weights_only``, class count, class order and architecture against
+   its ``teacher.json``;
+5. the teacher's top-1 on a validation subset: near chance means a wrong checkpoint, wrong class order or
+   wrong normalisation;
+6. the output folder: an existing synthetic set there would be refused, not overwritten.
+
+Each finding is an ``error`` (the run would fail or be meaningless) or a ``warning`` (it would run, with a
+caveat). ``nrrdd check`` prints them and exits 1 when there is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+
+
+@dataclass
+class Finding:
+    level: str          # "ok" | "warning" | "error"
+    check: str
+    message: str
+
+
+def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
+    from .data import DatasetLayoutError, DatasetNotFound, FolderImageSet, check_image_file
+    from .pipeline import _SPLITS_CACHE, _data_key, load_teacher, make_context
+    from .train import evaluate
+
+    out: list[Finding] = []
+
+    def add(level, check, message):
+        out.append(Finding(level, check, message))
+
+    # 1. dataset (read from disk now, not from this process's cache of loaded datasets)
+    _SPLITS_CACHE.pop(_data_key(cfg), None)
+    try:
+        ctx = make_context(cfg)
+    except (DatasetNotFound, DatasetLayoutError, ValueError, RuntimeError) as e:
+        add("error", "dataset", str(e))
+        return out
+    sp = ctx.splits
+    add("ok", "dataset", f"{cfg.dataset}: {len(sp.classes)} classes, {len(sp.train)} training, {len(sp.val)} "
+                         f"validation and {len(sp.test)} test images, {sp.channels}x{sp.size}x{sp.size}")
+
+    # 2. files
+    base, base_idx = sp.train.locate(torch.arange(len(sp.train)))
+    usable = torch.ones(len(sp.train), dtype=torch.bool)
+    if isinstance(base, FolderImageSet):
+        bad = []
+        for k, i in enumerate(base_idx.tolist()):
+            reason = check_image_file(base.samples[i][0])
+            if reason is not None:
+                usable[k] = False
+                bad.append(f"{base.samples[i][0]}: {reason}")
+        for path, reason in base.ignored:
+            bad.append(f"{path}: {reason}")
+        if bad:
+            add("warning", "files", f"{len(bad)} files would be skipped, e.g. {bad[:3]}")
+        else:
+            add("ok", "files", f"all {len(base_idx)} training files pass the screening")
+
+    # 3. images per class
+    factor = cfg.resolved_factor(sp.size)
+    need = cfg.ipc * factor * factor if cfg.method != "sre2l" else 0
+    counts = torch.bincount(sp.train.labels[usable], minlength=len(sp.classes))
+    short = [(sp.classes[c], int(n)) for c, n in enumerate(counts.tolist()) if n < need]
+    few = [(sp.classes[c], int(n)) for c, n in enumerate(counts.tolist()) if need <= n < cfg.mipc]
+    if short:
+        add("error", "images per class", f"{len(short)} classes have fewer usable images than the {need} patches "
+                                         f"discovery needs (ipc {cfg.ipc} x factor {factor}^2): {short[:5]}")
+    if few:
+        add("warning", "images per class", f"{len(few)} classes have fewer than mipc={cfg.mipc} images (all of "
+                                           f"them are then candidates): {few[:5]}")
+    if not short and not few:
+        add("ok", "images per class", f"every class has >= mipc={cfg.mipc} usable images "
+                                      f"(min {int(counts.min())})")
+
+    # 4. teacher
+    if not cfg.teacher:
+        add("warning" if cfg.method == "random" else "error", "teacher", "no --teacher given")
+        teacher = None
+    else:
+        try:
+            teacher = load_teacher(ctx)
+            add("ok", "teacher", f"{cfg.teacher} loads as --arch {cfg.arch} with {len(sp.classes)} classes")
+        except Exception as e:  # noqa: BLE001 - every load failure is a finding
+            add("error", "teacher", f"{type(e).__name__}: {e}")
+            teacher = None
+
+    # 5. teacher accuracy on a validation subset
+    if teacher is not None and len(sp.val):
+        n = min(val_images, len(sp.val))
+        acc = evaluate(teacher, sp.val.subset(torch.arange(n)), sp.normalizer, batch_size=cfg.eval_batch_size,
+                       device=ctx.device, precision=ctx.precision, loader=cfg.loader, workers=cfg.loader_workers)
+        chance = 100.0 / len(sp.classes)
+        if acc < 2 * chance:
+            add("error", "teacher accuracy", f"top-1 {acc:.1f}% on {n} validation images, near chance "
+                                             f"({chance:.1f}%): wrong checkpoint, class order or normalisation?")
+        else:
+            add("ok", "teacher accuracy", f"top-1 {acc:.1f}% on {n} validation images (chance {chance:.1f}%)")
+
+    # 6. output folder
+    if (Path(cfg.out) / "synthetic.safetensors").exists():
+        add("warning", "output", f"{cfg.out} already holds a synthetic set: distill would refuse to overwrite it "
+                                 "(choose another --out)")
+    return out
+
+
+def format_findings(findings: list[Finding]) -> str:
+    mark = {"ok": "ok     ", "warning": "WARNING", "error": "ERROR  "}
+    lines = [f"{mark[f.level]} {f.check:<18} {f.message}" for f in findings]
+    n_err = sum(f.level == "error" for f in findings)
+    n_warn = sum(f.level == "warning" for f in findings)
+    lines.append(f"\n{n_err} error(s), {n_warn} warning(s)")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""`nrrdd check` finds each wrong input before any work, and passes a sound setup."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from imagefolders import FMNIST, bad_input_folder, imagenet_jpegs
+
+from nrrdd.cli import main
+
+pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+SMALL = ["--train-limit", "2000", "--test-limit", "200", "--val-per-class", "20", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train-teacher", "--out", str(out), "--teacher-epochs", "1", *SMALL]) == 0
+    return out / "teacher.pt"
+
+
+def check(capsys, *args) -> tuple[int, str]:
+    rc = main(["check", *args])
+    return rc, capsys.readouterr().out
+
+
+def test_sound_setup_passes(teacher, capsys, tmp_path):
+    rc, out = check(capsys, "--teacher", str(teacher), "--out", str(tmp_path / "o"), *SMALL)
+    assert rc == 0, out
+    assert "0 error(s)" in out and "teacher accuracy" in out
+
+
+def test_untrained_teacher_is_near_chance(capsys, tmp_path):
+    from nrrdd.models import build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "untrained.pt"
+    torch.save({"model": build_model("conv3", 10, 1, 28).state_dict()}, ckpt)
+    rc, out = check(capsys, "--teacher", str(ckpt), *SMALL)
+    assert rc == 1 and "near chance" in out
+
+
+def test_wrong_class_count_and_class_order(teacher, capsys, tmp_path):
+    from nrrdd.models import build_model
+
+    seven = tmp_path / "seven.pt"
+    torch.save({"model": build_model("conv3", 7, 1, 28).state_dict()}, seven)
+    rc, out = check(capsys, "--teacher", str(seven), *SMALL)
+    assert rc == 1 and "ERROR   teacher" in out and "7" in out
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher.parent, other)
+    meta = json.loads((other / "teacher.json").read_text())
+    meta["classes"] = meta["classes"][::-1]
+    (other / "teacher.json").write_text(json.dumps(meta))
+    rc, out = check(capsys, "--teacher", str(other / "teacher.pt"), *SMALL)
+    assert rc == 1 and "do not match" in out
+
+
+def test_too_few_images_per_class_and_existing_output(teacher, capsys, tmp_path):
+    rc, out = check(capsys, "--teacher", str(teacher), "--ipc", "250", *SMALL)   # ~180 images per class
+    assert rc == 1 and "fewer usable images than the 250 patches" in out
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "synthetic.safetensors").write_bytes(b"x")
+    rc, out = check(capsys, "--teacher", str(teacher), "--out", str(tmp_path / "o"), *SMALL)
+    assert "would refuse to overwrite" in out
+
+
+@pytest.mark.skipif(not imagenet_jpegs(), reason="foolbox wheel (its 20 ImageNet JPEGs) not installed")
+def test_image_folder_layout_and_bad_files(capsys, tmp_path):
+    bad_input_folder(tmp_path / "train")
+    shutil.copytree(tmp_path / "train", tmp_path / "test")
+    folder = ["--dataset", "imagefolder", "--data-root", str(tmp_path / "train"), "--test-root",
+              str(tmp_path / "test"), "--input-size", "32", "--val-per-class", "0", "--method", "random",
+              "--ipc", "1", "--mipc", "2"]
+    rc, out = check(capsys, *folder)
+    assert "4 files would be skipped" in out     # truncated, empty, not an image (screening) + README.txt
+    assert "truncated JPEG" in out or "empty file" in out
+    (tmp_path / "test" / "b").rename(tmp_path / "test" / "zebra")
+    rc, out = check(capsys, *folder)
+    assert rc == 1 and "ERROR   dataset" in out and "missing ['b']" in out
+    shutil.rmtree(tmp_path / "test")
+    shutil.copytree(tmp_path / "train", tmp_path / "test")
+    for f in (tmp_path / "train" / "b").iterdir():
+        f.unlink()
+    rc, out = check(capsys, *folder)
+    assert rc == 1 and "holds no images" in out
