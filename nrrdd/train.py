@@ -143,6 +143,7 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
     for e in progress(range(epochs), desc=f"student[{mode}]", enable=show_progress):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         order = torch.from_numpy(rng(seed, STREAM_ORDER, e).permutation(N))
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
         for start in range(0, N, batch_size):
             idx = order[start:start + batch_size]
             x, y_org, y_aug, lam = mixed_batch(images, labels, aug, idx, factor)
@@ -162,10 +163,14 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
             else:
                 loss = (lam * F.cross_entropy(out, y_org, reduction="none")
                         + (1 - lam) * F.cross_entropy(out, y_aug, reduction="none")).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"student loss is {loss.item()} at epoch {e}, step {start // batch_size}")
+            # remember the first non-finite step without a host sync per step (a GPU stall); checked per epoch
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), start // batch_size,
+                                    first_bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+        if int(first_bad) >= 0:
+            raise FloatingPointError(f"student loss became NaN/inf at epoch {e}, step {int(first_bad)} "
+                                     f"(label mode {mode}): check the synthetic images and stored labels")
     return student.eval()

@@ -1,6 +1,5 @@
-"""torch.compile'd student training: same result as eager, and one compile per batch shape, not per batch.
-
-One cold compile on the CPU (~20-40 s): the only compile in the test suite."""
+"""Student training: torch.compile matches eager and compiles once per batch shape, not per batch (one cold
+compile on the CPU, ~20-40 s: the only compile of a student in the suite); a NaN loss names its epoch and step."""
 import torch
 
 from nrrdd.models import build_model
@@ -30,3 +29,14 @@ def test_compiled_student_training_matches_eager_and_compiles_once_per_shape():
     assert 2 <= frames <= 4, dict(torch._dynamo.utils.counters["stats"])
     for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-4, rtol=2e-3, msg=name)
+
+
+def test_non_finite_student_loss_names_epoch_and_step():
+    import pytest
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 1, 16, 16), torch.arange(12) % 4
+    x[5] = float("nan")                      # sample 5 lands in some batch of epoch 0
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step \d"):
+        train_student(build_model("conv3", 4, 1, 16), x, y, mode="hard", epochs=2, batch_size=4, seed=0, factor=1,
+                      show_progress=False)
