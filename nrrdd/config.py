@@ -89,6 +89,8 @@ class RunConfig:
     loader: str = "auto"                # image decoding for image folders: auto (DALI if installed) | dali | torch
     loader_workers: int = 2             # DataLoader worker processes (torch) or DALI CPU threads
     out: str = "runs/run"
+    resume: bool = False                # continue a killed run from its last checkpoint (student: per epoch)
+    checkpoint_every: int = 10          # student training: save its state every this many epochs
 
     # ---------------------------------------------------------------------------------------------
     def resolved_factor(self, input_size: int) -> int:

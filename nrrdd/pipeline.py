@@ -38,7 +38,7 @@ from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine
 from .relabel import load_labels, relabel, save_labels
 from .runtime import resolve_device, resolve_precision, set_threads
-from .train import evaluate, train_student, train_teacher
+from .train import TrainCheckpoint, evaluate, train_student, train_teacher
 
 
 @dataclass
@@ -90,6 +90,14 @@ def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
     cfg = ctx.cfg
     return dict(batch_size=cfg.eval_batch_size, device=ctx.device, precision=ctx.precision, loader=cfg.loader,
                 workers=cfg.loader_workers, skipped=skipped)
+
+
+# Fields that may differ between a killed run and its resumption: how it runs, not what it computes.
+_RUNTIME_FIELDS = {"resume", "threads", "loader_workers", "out", "checkpoint_every", "compile", "eval_batch_size"}
+
+
+def _identity(cfg: RunConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
 
 
 def _timed(ctx: Context, name: str):
@@ -293,13 +301,17 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, len(sp.classes), sp.channels, sp.size, cfg.student_kwargs)
     compiled = cfg.resolved_compile(ctx.device.type, images.shape[0])
+    ckpt = TrainCheckpoint(Path(syn_dir) / f"checkpoint_{tag}.pt", _identity(cfg), cfg.checkpoint_every)
+    if ckpt.path.exists() and not cfg.resume:
+        raise FileExistsError(f"{ckpt.path} holds the state of an interrupted evaluation: pass --resume to "
+                              "continue it (or remove the file to start over)")
     with _timed(ctx, "train"):
         train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
                       batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed, factor=ctx.factor,
                       teacher=teacher, stored=stored, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       temperature=cfg.temperature, cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr,
                       dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
-                      precision=ctx.precision, compile=compiled,
+                      precision=ctx.precision, compile=compiled, checkpoint=ckpt,
                       show_progress=show_progress)
     with _timed(ctx, "evaluate"):
         skipped: list = []
@@ -309,6 +321,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
               "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs, "compiled": compiled,
               "timings": dict(ctx.timings)}
     atomic_write_json(out, result)
+    ckpt.remove()                                   # the result is written: the training state is spent
     write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(), **_provenance(ctx), results=result,
                    skipped_files=[{"file": p, "reason": r} for p, r in skipped])
     return result

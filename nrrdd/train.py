@@ -112,12 +112,17 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                   stored: torch.Tensor | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
                   temperature: float = 20.0, cutmix_alpha: float = 1.0, alpha_dbr: float = 1.0,
                   dbr_distance: str = "l1", dbr_temperature: float = 1.0, device="cpu", precision: str = "fp32",
-                  compile: bool = False, show_progress: bool = True) -> nn.Module:
+                  compile: bool = False, checkpoint: "TrainCheckpoint | None" = None,
+                  show_progress: bool = True) -> nn.Module:
     """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N].
 
     ``compile``: run the student's (and an online teacher's) forward and backward through
     ``torch.compile``. Shapes are static: every batch has ``batch_size`` samples except possibly the last
-    of an epoch, so it compiles at most two graphs, once, whatever the number of epochs."""
+    of an epoch, so it compiles at most two graphs, once, whatever the number of epochs.
+
+    ``checkpoint``: save model, optimiser and scheduler every ``checkpoint.every`` epochs and start from a
+    saved state when there is one (every random choice is keyed by (seed, epoch), so a resumed run
+    continues exactly as an uninterrupted one)."""
     device = torch.device(device)
     if mode == "online" and teacher is None:
         raise ValueError("label mode 'online' needs a teacher")
@@ -137,10 +142,12 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
     steps_per_epoch = math.ceil(N / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(epochs * steps_per_epoch))
     dbr = DBRLoss(alpha=alpha_dbr, temperature=dbr_temperature, distance=dbr_distance)
+    first_epoch = checkpoint.restore(student, opt, sched) if checkpoint is not None else 0
     images = images.to(device)
     fwd_student = torch.compile(student, dynamic=False) if compile else student
     fwd_teacher = torch.compile(teacher, dynamic=False) if compile and teacher is not None else teacher
-    for e in progress(range(epochs), desc=f"student[{mode}]", enable=show_progress):
+    for e in progress(range(first_epoch, epochs), desc=f"student[{mode}]", enable=show_progress,
+                      total=epochs, initial=first_epoch):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         order = torch.from_numpy(rng(seed, STREAM_ORDER, e).permutation(N))
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -173,4 +180,44 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
         if int(first_bad) >= 0:
             raise FloatingPointError(f"student loss became NaN/inf at epoch {e}, step {int(first_bad)} "
                                      f"(label mode {mode}): check the synthetic images and stored labels")
+        if checkpoint is not None and ((e + 1) % checkpoint.every == 0 and e + 1 < epochs):
+            checkpoint.save(e + 1, student, opt, sched)
     return student.eval()
+
+
+class TrainCheckpoint:
+    """Student training state at an epoch boundary, in one file written atomically.
+
+    ``identity`` (e.g. the run's config without runtime fields) is stored with it; a saved state whose
+    identity differs is refused, so a resume never mixes two configurations."""
+
+    def __init__(self, path, identity: dict, every: int = 1):
+        from pathlib import Path
+
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 epoch, got {every}")
+        self.path, self.identity, self.every = Path(path), identity, every
+
+    def save(self, epoch: int, model: nn.Module, opt, sched) -> None:
+        from .io import atomic_torch_save
+
+        atomic_torch_save(self.path, {"epoch": epoch, "identity": self.identity, "model": model.state_dict(),
+                                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
+    def restore(self, model: nn.Module, opt, sched) -> int:
+        """The epoch to start from: 0, or the saved one after loading its state."""
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["identity"] != self.identity:
+            diff = sorted(k for k in set(state["identity"]) | set(self.identity)
+                          if state["identity"].get(k) != self.identity.get(k))
+            raise ValueError(f"{self.path} was saved by a run with other settings ({', '.join(diff)}): "
+                             "it cannot be resumed with these; remove it or use another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        return int(state["epoch"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

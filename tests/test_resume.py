@@ -1,0 +1,63 @@
+"""A student training killed with SIGKILL at random points and resumed with --resume ends exactly where an
+uninterrupted run ends; without --resume the leftover state is refused, and a resume with other settings
+too."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nrrdd.cli import main
+
+FMNIST_OK = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+pytestmark = pytest.mark.skipif(not FMNIST_OK, reason="Fashion-MNIST not installed")
+SMALL = ["--train-limit", "2000", "--test-limit", "200", "--val-per-class", "20", "--threads", "1"]
+
+
+def _evaluate_args(syn, *extra):
+    return ["evaluate", "--labels", "hard", "--out", str(syn), "--ipc", "2", "--epochs", "150",
+            "--checkpoint-every", "1", *SMALL, *extra]
+
+
+def _spawn(args):
+    code = f"import sys; from nrrdd.cli import main; sys.exit(main({args!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_student_training_resumes_to_the_same_result(tmp_path):
+    syn = tmp_path / "syn"
+    assert main(["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", "--out", str(syn),
+                 *SMALL]) == 0
+    ref = tmp_path / "ref"
+    shutil.copytree(syn, ref)
+    assert main(_evaluate_args(ref)) == 0
+    expected = json.loads((ref / "eval_hard_conv3_s0.json").read_text())
+
+    ckpt = syn / "checkpoint_hard_conv3_s0.pt"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(3):
+        p = _spawn(_evaluate_args(syn, *(["--resume"] if attempt else [])))
+        deadline = time.time() + 120
+        while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills == 3                                             # each attempt died mid-training
+    assert not (syn / "eval_hard_conv3_s0.json").exists()
+    assert main(_evaluate_args(syn)) == 2                         # leftover state: refused without --resume
+    assert main(_evaluate_args(syn, "--lr", "0.01", "--resume")) == 2   # other settings: refused
+    assert main(_evaluate_args(syn, "--resume")) == 0
+    got = json.loads((syn / "eval_hard_conv3_s0.json").read_text())
+    assert (got["test_top1"], got["val_top1"]) == (expected["test_top1"], expected["val_top1"])
+    assert not ckpt.exists()                                      # spent state is removed once the result is in
