@@ -36,7 +36,7 @@ from .io import (atomic_save_image, atomic_save_safetensors, atomic_torch_save, 
                  load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine
-from .relabel import load_labels, relabel, save_labels
+from .relabel import LabelParts, load_labels, relabel, save_labels
 from .runtime import resolve_device, resolve_precision, set_threads
 from .train import TrainCheckpoint, evaluate, train_student, train_teacher
 
@@ -260,15 +260,20 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
     out = Path(syn_dir) / f"labels_{mode}.safetensors"
     refuse_overwrite(out, f"a {mode} label file")
     images, labels, _, _ = read_synthetic(syn_dir)
+    parts = LabelParts(Path(syn_dir) / f"labels_{mode}.parts", _identity(cfg), cfg.checkpoint_every)
+    if parts.exists() and not cfg.resume:
+        raise FileExistsError(f"{parts.folder} holds the labels of an interrupted relabelling: pass --resume to "
+                              "continue it (or remove the folder to start over)")
     teacher = load_teacher(ctx)
     temperature = cfg.dbr_temperature if mode == "dbr" else 1.0
     with _timed(ctx, "relabel"):
         stored = relabel(teacher, images, labels, mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=ctx.factor,
                          cutmix_alpha=cfg.cutmix_alpha, temperature=temperature,
                          batch_size=max(1, cfg.resolved_batch_size(len(ctx.splits.classes))), device=ctx.device,
-                         precision=ctx.precision, show_progress=show_progress)
+                         precision=ctx.precision, parts=parts, show_progress=show_progress)
     save_labels(out, stored, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
                 temperature=temperature, synthetic_sha256=tensor_sha256(images, labels))
+    parts.remove()                                  # the label file is written: its chunks are spent
     write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), **_provenance(ctx), labels_file=str(out),
                    label_bytes=out.stat().st_size, timings=dict(ctx.timings))
     return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": list(stored.shape),

@@ -21,16 +21,21 @@ from .runtime import autocast, progress
 @torch.no_grad()
 def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int, seed: int,
             factor: int, cutmix_alpha: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
-            device="cpu", precision: str = "fp32", show_progress: bool = True) -> torch.Tensor:
-    """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order."""
+            device="cpu", precision: str = "fp32", parts: "LabelParts | None" = None,
+            show_progress: bool = True) -> torch.Tensor:
+    """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order.
+
+    ``parts``: write the labels in chunks of ``parts.every`` epochs as they are made, and start after the
+    chunks already there (a killed run resumes; epoch e's labels depend only on (seed, e))."""
     if mode not in ("dbr", "soft"):
         raise ValueError(f"relabel mode must be 'dbr' or 'soft', not {mode!r}")
     teacher.eval()
     device = torch.device(device)
     N, S = images.shape[0], images.shape[-1]
     images = images.to(device)
-    out = None
-    for e in progress(range(epochs), desc=f"relabel[{mode}]", enable=show_progress):
+    out, first = (parts.load(epochs, N) if parts is not None else (None, 0))
+    for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress, total=epochs,
+                      initial=first):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         for start in range(0, N, batch_size):
             idx = torch.arange(start, min(N, start + batch_size))
@@ -48,7 +53,54 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
             if not torch.isfinite(vals).all():
                 raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {start}..")
             out[e, idx] = vals.half().cpu()
+        if parts is not None and ((e + 1) % parts.every == 0 or e + 1 == epochs):
+            parts.save(out, e + 1)
     return out
+
+
+class LabelParts:
+    """Label chunks of a relabelling in progress: ``<folder>/epochs_<a>-<b>.safetensors`` (written atomically)
+    plus the run's identity; a chunk folder of another identity is refused."""
+
+    def __init__(self, folder: str | Path, identity: dict, every: int):
+        import json
+
+        self.folder, self.every = Path(folder), max(1, every)
+        self.identity = json.dumps(identity, sort_keys=True, default=str)
+        self._saved = 0
+
+    def exists(self) -> bool:
+        return self.folder.is_dir() and any(self.folder.glob("epochs_*.safetensors"))
+
+    def load(self, epochs: int, n: int) -> tuple[torch.Tensor | None, int]:
+        """(labels so far in an [E, N, W] tensor, first epoch to compute), from the chunks on disk."""
+        out, done = None, 0
+        while True:
+            chunk = next(iter(self.folder.glob(f"epochs_{done:05d}-*.safetensors")), None)
+            if chunk is None:
+                break
+            tensors, meta = load_safetensors(chunk)
+            if meta.get("identity") != self.identity:
+                raise ValueError(f"{chunk} was written by a relabelling with other settings: it cannot be resumed "
+                                 "with these; remove the folder or use another --out")
+            t = tensors["labels"]
+            if out is None:
+                out = torch.empty(epochs, n, t.shape[-1], dtype=torch.float16)
+            out[done:done + len(t)] = t
+            done += len(t)
+        self._saved = done
+        return out, done
+
+    def save(self, labels: torch.Tensor, upto: int) -> None:
+        chunk = self.folder / f"epochs_{self._saved:05d}-{upto:05d}.safetensors"
+        atomic_save_safetensors(chunk, {"labels": labels[self._saved:upto].contiguous()},
+                                metadata={"identity": self.identity})
+        self._saved = upto
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,

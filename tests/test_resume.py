@@ -61,3 +61,42 @@ def test_killed_student_training_resumes_to_the_same_result(tmp_path):
     got = json.loads((syn / "eval_hard_conv3_s0.json").read_text())
     assert (got["test_top1"], got["val_top1"]) == (expected["test_top1"], expected["val_top1"])
     assert not ckpt.exists()                                      # spent state is removed once the result is in
+
+
+def test_killed_relabelling_resumes_to_identical_labels(tmp_path):
+    import torch
+
+    from nrrdd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "t.pt"
+    torch.save({"model": build_model("conv3", 10, 1, 28).state_dict()}, teacher)
+    syn = tmp_path / "syn"
+    assert main(["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", "--out", str(syn),
+                 *SMALL]) == 0
+    ref = tmp_path / "ref"
+    shutil.copytree(syn, ref)
+    args = lambda d, *x: ["relabel", "--labels", "soft", "--teacher", str(teacher), "--out", str(d),  # noqa: E731
+                          "--ipc", "2", "--epochs", "400", "--checkpoint-every", "5", *SMALL, *x]
+    assert main(args(ref)) == 0
+    parts = syn / "labels_soft.parts"
+    rng = random.Random(1)
+    for attempt in range(3):
+        p = _spawn(args(syn, *(["--resume"] if attempt else [])))
+        deadline = time.time() + 120
+        while not list(parts.glob("epochs_*")) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert p.poll() is None, "relabelling finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not (syn / "labels_soft.safetensors").exists()
+    assert main(args(syn)) == 2                                   # leftover chunks: refused without --resume
+    assert main(args(syn, "--resume")) == 0
+    from nrrdd.io import load_safetensors
+
+    # identical tensors and metadata (not compared as bytes: safetensors orders the metadata of its header
+    # differently from one process to the next)
+    (got, got_meta), (want, want_meta) = (load_safetensors(d / "labels_soft.safetensors") for d in (syn, ref))
+    assert torch.equal(got["labels"], want["labels"]) and got_meta == want_meta
+    assert not parts.exists()
