@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -146,3 +147,35 @@ def refuse_overwrite(path: str | Path, what: str) -> None:
             f"{what} already exists at {path}; this run would overwrite it. "
             f"Choose another --out folder (existing outputs are never deleted)."
         )
+
+
+class ChunkStore:
+    """Pieces of a stage in progress, one safetensors file each (written atomically), for resuming.
+
+    Every piece carries the run's ``identity`` (a JSON string); a folder holding pieces of another identity
+    is refused, so a resume never mixes two configurations. ``remove()`` once the stage's output is written.
+    """
+
+    def __init__(self, folder: str | Path, identity: dict):
+        self.folder = Path(folder)
+        self.identity = json.dumps(identity, sort_keys=True, default=str)
+
+    def exists(self) -> bool:
+        return self.folder.is_dir() and any(self.folder.glob("*.safetensors"))
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], **meta: str) -> None:
+        atomic_save_safetensors(self.folder / f"{name}.safetensors", {k: v.contiguous() for k, v in tensors.items()},
+                                metadata={"identity": self.identity, **meta})
+
+    def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        path = self.folder / f"{name}.safetensors"
+        if not path.exists():
+            return None
+        tensors, meta = load_safetensors(path)
+        if meta.get("identity") != self.identity:
+            raise ValueError(f"{path} was written by a run with other settings: it cannot be resumed with these; "
+                             f"remove {self.folder} or use another --out")
+        return tensors, meta
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -32,7 +32,7 @@ from .cam import require_cam
 from .config import RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
 from .discover import discover
-from .io import (atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json, file_sha256,
+from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json, file_sha256,
                  load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine
@@ -96,8 +96,10 @@ def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
 _RUNTIME_FIELDS = {"resume", "threads", "loader_workers", "out", "checkpoint_every", "compile", "eval_batch_size"}
 
 
-def _identity(cfg: RunConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
+def _identity(ctx: Context, **inputs) -> dict:
+    """What a resumed stage must share with the killed one: its settings, data and teacher (and ``inputs``)."""
+    ident = {k: v for k, v in ctx.cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
+    return {**ident, **_provenance(ctx), **inputs}
 
 
 def _timed(ctx: Context, name: str):
@@ -207,6 +209,10 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     images = sp.normalizer(d.images)
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
     refined = cfg.resolved_refine()
+    parts = ChunkStore(out / "refine.parts", _identity(ctx, discovered=tensor_sha256(images, d.labels)))
+    if refined and parts.exists() and not cfg.resume:
+        raise FileExistsError(f"{parts.folder} holds the refined batches of an interrupted distillation: pass "
+                              "--resume to continue it (or remove the folder to start over)")
     if refined:
         with _timed(ctx, "refine"):
             r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
@@ -216,10 +222,11 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                        batch_size=cfg.refine_batch_size, masked=not sre2l, cam=cfg.cam,
                        jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(),
                        seed=cfg.seed, precision=ctx.precision, device=ctx.device, show_progress=show_progress,
-                       desc="synthesise[sre2l]" if sre2l else "refine")
+                       desc="synthesise[sre2l]" if sre2l else "refine", parts=parts)
         images, masks = r.images, r.masks
     with _timed(ctx, "write"):
         write_synthetic(out, images, d.labels, masks, sp)
+    parts.remove()                                  # the synthetic set is written: its refined batches are spent
     cfg.save(out / "config.json")
     write_manifest(out, stage="distill", config=cfg.to_dict(), **_provenance(ctx),
                    synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
@@ -260,7 +267,7 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
     out = Path(syn_dir) / f"labels_{mode}.safetensors"
     refuse_overwrite(out, f"a {mode} label file")
     images, labels, _, _ = read_synthetic(syn_dir)
-    parts = LabelParts(Path(syn_dir) / f"labels_{mode}.parts", _identity(cfg), cfg.checkpoint_every)
+    parts = LabelParts(Path(syn_dir) / f"labels_{mode}.parts", _identity(ctx), cfg.checkpoint_every)
     if parts.exists() and not cfg.resume:
         raise FileExistsError(f"{parts.folder} holds the labels of an interrupted relabelling: pass --resume to "
                               "continue it (or remove the folder to start over)")
@@ -306,7 +313,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, len(sp.classes), sp.channels, sp.size, cfg.student_kwargs)
     compiled = cfg.resolved_compile(ctx.device.type, images.shape[0])
-    ckpt = TrainCheckpoint(Path(syn_dir) / f"checkpoint_{tag}.pt", _identity(cfg), cfg.checkpoint_every)
+    ckpt = TrainCheckpoint(Path(syn_dir) / f"checkpoint_{tag}.pt", _identity(ctx), cfg.checkpoint_every)
     if ckpt.path.exists() and not cfg.resume:
         raise FileExistsError(f"{ckpt.path} holds the state of an interrupted evaluation: pass --resume to "
                               "continue it (or remove the file to start over)")

@@ -25,6 +25,7 @@ from nrrdd.kernels import MaskedAdam
 
 from .augment import STREAM_JITTER, rng
 from .cam import class_activation_map, nrr_mask
+from .io import ChunkStore
 from .runtime import autocast, progress
 
 
@@ -76,11 +77,14 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
            iterations: int = 500, eps: float = 0.5, lr: float = 0.25, betas=(0.5, 0.9), adam_eps: float = 1e-8,
            a_bn: float = 0.01, first_bn_multiplier: float = 10.0, mask_every: int = 0, batch_size: int = 100,
            masked: bool = True, cam: str = "auto", jitter: int = 0, flip: bool = False, seed: int = 0,
-           precision: str = "fp32", device="cpu", show_progress: bool = True, desc: str = "refine") -> RefineResult:
+           precision: str = "fp32", device="cpu", show_progress: bool = True, desc: str = "refine",
+           parts: ChunkStore | None = None) -> RefineResult:
     """Refine normalised ``images`` [N, C, H, W] in batches; returns new tensors (inputs are not modified).
 
     ``masked=False`` optimises every pixel (SRe2L-style synthesis, or an unmasked ablation). ``jitter`` (px)
     and ``flip`` augment the teacher's input each step (SRe2L); off by default. ``seed`` keys their draws.
+    ``parts``: keep each refined batch there as it is done and skip the batches already there (batches are
+    refined independently, so a killed run resumes at the batch it was in).
     """
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0 px, got {jitter}")
@@ -98,11 +102,19 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
         bar = progress(range(0, len(order), batch_size), desc=desc, enable=show_progress)
         for start in bar:
             idx = order[start:start + batch_size]
+            name = f"batch_{start // batch_size:06d}"
+            done = parts.load(name) if parts is not None else None
+            if done is not None:
+                out.append((idx, done[0]["images"], done[0]["masks"]))
+                last = float(done[1]["loss"])
+                continue
             views = _input_views(iterations, jitter, flip, seed, start // batch_size)
             x, m, last = _refine_batch(teacher, bn_loss, images[idx].to(device), labels[idx].to(device), lo, hi,
                                        iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked, cam,
                                        precision, views)
             out.append((idx, x.cpu(), m.cpu()))
+            if parts is not None:
+                parts.save(name, {"images": out[-1][1], "masks": out[-1][2]}, loss=repr(last))
     finally:
         bn_loss.remove()
     result = torch.empty_like(images)

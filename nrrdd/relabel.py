@@ -14,7 +14,7 @@ import torch.nn as nn
 from nrrdd.kernels import dbr_distances
 
 from .augment import epoch_augment, mixed_batch
-from .io import atomic_save_safetensors, load_safetensors
+from .io import ChunkStore, atomic_save_safetensors, load_safetensors
 from .runtime import autocast, progress
 
 
@@ -59,31 +59,24 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
 
 
 class LabelParts:
-    """Label chunks of a relabelling in progress: ``<folder>/epochs_<a>-<b>.safetensors`` (written atomically)
-    plus the run's identity; a chunk folder of another identity is refused."""
+    """Label chunks of a relabelling in progress, ``epochs_<a>-<b>`` pieces of a :class:`ChunkStore`."""
 
     def __init__(self, folder: str | Path, identity: dict, every: int):
-        import json
-
-        self.folder, self.every = Path(folder), max(1, every)
-        self.identity = json.dumps(identity, sort_keys=True, default=str)
+        self.store, self.every = ChunkStore(folder, identity), max(1, every)
+        self.folder = self.store.folder
         self._saved = 0
 
     def exists(self) -> bool:
-        return self.folder.is_dir() and any(self.folder.glob("epochs_*.safetensors"))
+        return self.store.exists()
 
     def load(self, epochs: int, n: int) -> tuple[torch.Tensor | None, int]:
         """(labels so far in an [E, N, W] tensor, first epoch to compute), from the chunks on disk."""
         out, done = None, 0
         while True:
-            chunk = next(iter(self.folder.glob(f"epochs_{done:05d}-*.safetensors")), None)
-            if chunk is None:
+            name = next((p.stem for p in self.folder.glob(f"epochs_{done:05d}-*.safetensors")), None)
+            if name is None:
                 break
-            tensors, meta = load_safetensors(chunk)
-            if meta.get("identity") != self.identity:
-                raise ValueError(f"{chunk} was written by a relabelling with other settings: it cannot be resumed "
-                                 "with these; remove the folder or use another --out")
-            t = tensors["labels"]
+            t = self.store.load(name)[0]["labels"]
             if out is None:
                 out = torch.empty(epochs, n, t.shape[-1], dtype=torch.float16)
             out[done:done + len(t)] = t
@@ -92,15 +85,11 @@ class LabelParts:
         return out, done
 
     def save(self, labels: torch.Tensor, upto: int) -> None:
-        chunk = self.folder / f"epochs_{self._saved:05d}-{upto:05d}.safetensors"
-        atomic_save_safetensors(chunk, {"labels": labels[self._saved:upto].contiguous()},
-                                metadata={"identity": self.identity})
+        self.store.save(f"epochs_{self._saved:05d}-{upto:05d}", {"labels": labels[self._saved:upto]})
         self._saved = upto
 
     def remove(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.store.remove()
 
 
 def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,

@@ -100,3 +100,38 @@ def test_killed_relabelling_resumes_to_identical_labels(tmp_path):
     (got, got_meta), (want, want_meta) = (load_safetensors(d / "labels_soft.safetensors") for d in (syn, ref))
     assert torch.equal(got["labels"], want["labels"]) and got_meta == want_meta
     assert not parts.exists()
+
+
+def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
+    import torch
+
+    from nrrdd.io import load_safetensors
+    from nrrdd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "t.pt"
+    torch.save({"model": build_model("conv3", 10, 1, 28).state_dict()}, teacher)
+    args = lambda d, *x: ["distill", "--teacher", str(teacher), "--out", str(d), "--ipc", "2", "--mipc", "10",  # noqa: E731
+                          "--nrr-iterations", "120", "--refine-batch-size", "4", *SMALL, *x]
+    assert main(args(tmp_path / "ref")) == 0
+    syn = tmp_path / "syn"
+    parts = syn / "refine.parts"
+    rng = random.Random(2)
+    for attempt in range(3):
+        p = _spawn(args(syn, *(["--resume"] if attempt else [])))
+        deadline = time.time() + 120
+        n0 = len(list(parts.glob("batch_*"))) if parts.exists() else 0
+        while len(list(parts.glob("batch_*")) if parts.exists() else []) <= n0 and p.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert p.poll() is None, "distillation finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not (syn / "synthetic.safetensors").exists()
+    assert main(args(syn)) == 2                                   # leftover batches: refused without --resume
+    assert main(args(syn, "--nrr-eps", "0.3", "--resume")) == 2   # other settings: refused
+    assert main(args(syn, "--resume")) == 0
+    got, want = (load_safetensors(d / "synthetic.safetensors")[0] for d in (syn, tmp_path / "ref"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert not parts.exists()
