@@ -118,7 +118,8 @@ def bench_copy(rec: KernelRecorder, device, nbytes: int, reps: int, warmup: int)
     b = torch.randn(n, device=device)
     shape = f"{nbytes / 2**20:.0f}MiB"
     best = 0.0
-    for name, fn, moved in (("copy", lambda: b.copy_(a), 2 * n * 4), ("add_", lambda: a.add_(b, alpha=1e-9), 3 * n * 4)):
+    ops = (("copy", lambda: b.copy_(a), 2 * n * 4), ("add_", lambda: a.add_(b, alpha=1e-9), 3 * n * 4))
+    for name, fn, moved in ops:
         med, p20, p80 = quantiles(time_fn(fn, device, reps, warmup))
         gbs = lambda t: moved / (t * 1e-3) / 1e9  # noqa: E731
         rec.add(name, "torch", shape, "time", "ms", med, p20, p80)

@@ -273,7 +273,8 @@ def main(argv=None) -> int:
                     a_t, a_t, a_t)
             rec.add(f"scaling_{stage}_{param}", "nrrdd", f"{param} {xs[0]}..{xs[-1]}", "memory_exponent", "1",
                     a_m, a_m, a_m)
-            table.append((f"scaling_{stage}", param, f"{xs}", f"time ~ {param}^{a_t:.2f}", f"memory ~ {param}^{a_m:.2f}"))
+            table.append((f"scaling_{stage}", param, f"{xs}", f"time ~ {param}^{a_t:.2f}",
+                          f"memory ~ {param}^{a_m:.2f}"))
         plot_scaling(scaling, Path(args.plots))
     if "storage" not in args.skip:
         label_storage(rec, table)

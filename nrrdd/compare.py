@@ -32,10 +32,7 @@ STORED = ("dbr", "soft")            # label modes read from a `relabel` file
 
 # Settings that leave a synthetic set unchanged: a set on disk distilled under other values is still reused.
 # (The teacher is compared by its hash in the distill manifest, not by its path.)
-NOT_DISTILL = {"labels", "epochs", "batch_size", "lr", "weight_decay", "temperature", "cutmix_alpha", "alpha_dbr",
-               "dbr_distance", "dbr_temperature", "eval_batch_size", "student", "student_kwargs", "teacher",
-               "teacher_epochs", "teacher_lr", "teacher_batch_size", "test_root", "test_limit", "device",
-               "precision", "threads", "out"}
+NOT_DISTILL = pipeline.NOT_DISTILL
 
 
 @dataclass
@@ -141,7 +138,11 @@ def _find(data: dict, key: tuple) -> dict | None:
 
 def _run(cfg: RunConfig, syn: Path, results: Path, where: str, teacher_sha: str, ctx: pipeline.Context,
          show_progress: bool) -> dict:
-    """One row of the grid: distil (unless this (ipc, seed, method) is on disk), relabel if needed, evaluate."""
+    """One row of the grid: distil (unless this (ipc, seed, method) is on disk), relabel if needed, evaluate.
+
+    A compare continues what an interrupted one left: its stages run with ``resume`` on (a leftover piece
+    of other settings is still refused)."""
+    cfg = cfg.replace(resume=True)
     method, labels = cfg.method, cfg.labels
     times: dict[str, float] = {}
     if (syn / "synthetic.safetensors").exists():

@@ -155,8 +155,8 @@ def check_image_file(path: str | Path) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it looks decodable.
 
     Cheap (reads the first 16 bytes and the last TAIL_BYTES, no decoding), so both loaders can run it on
-    every candidate before decoding: a DALI pipeline that meets an undecodable file stops for good, so files are screened
-    first. Formats are those both decoders read (JPEG, PNG, BMP, TIFF, WebP, PNM); GIF is refused because
+    every candidate before decoding: a DALI pipeline that meets an undecodable file stops for good, so files
+    are screened first. Formats are those both decoders read (JPEG, PNG, BMP, TIFF, WebP, PNM); GIF is refused because
     DALI cannot decode it.
     """
     try:

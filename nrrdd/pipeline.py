@@ -32,8 +32,8 @@ from .cam import require_cam
 from .config import RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
 from .discover import discover
-from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json, file_sha256,
-                 load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
+from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
+                 file_sha256, load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine
 from .relabel import LabelParts, load_labels, relabel, save_labels
@@ -94,11 +94,17 @@ def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
 
 # Fields that may differ between a killed run and its resumption: how it runs, not what it computes.
 _RUNTIME_FIELDS = {"resume", "threads", "loader_workers", "out", "checkpoint_every", "compile", "eval_batch_size"}
+# Fields a synthetic set does not depend on (student stage, runtime): reuse and resume of a distillation ignore them.
+NOT_DISTILL = {"labels", "epochs", "batch_size", "lr", "weight_decay", "temperature", "cutmix_alpha", "alpha_dbr",
+               "dbr_distance", "dbr_temperature", "eval_batch_size", "student", "student_kwargs", "teacher",
+               "teacher_epochs", "teacher_lr", "teacher_batch_size", "test_root", "test_limit", "device",
+               "precision", "threads", "out"} | _RUNTIME_FIELDS
 
 
-def _identity(ctx: Context, **inputs) -> dict:
-    """What a resumed stage must share with the killed one: its settings, data and teacher (and ``inputs``)."""
-    ident = {k: v for k, v in ctx.cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
+def _identity(ctx: Context, ignore: set[str] = _RUNTIME_FIELDS, **inputs) -> dict:
+    """What a resumed stage must share with the killed one: its settings (but ``ignore``), data and teacher
+    (and ``inputs``)."""
+    ident = {k: v for k, v in ctx.cfg.to_dict().items() if k not in ignore}
     return {**ident, **_provenance(ctx), **inputs}
 
 
@@ -209,7 +215,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     images = sp.normalizer(d.images)
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
     refined = cfg.resolved_refine()
-    parts = ChunkStore(out / "refine.parts", _identity(ctx, discovered=tensor_sha256(images, d.labels)))
+    parts = ChunkStore(out / "refine.parts",
+                       _identity(ctx, NOT_DISTILL, discovered=tensor_sha256(images, d.labels)))
     if refined and parts.exists() and not cfg.resume:
         raise FileExistsError(f"{parts.folder} holds the refined batches of an interrupted distillation: pass "
                               "--resume to continue it (or remove the folder to start over)")

@@ -111,8 +111,8 @@ def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
     torch.manual_seed(0)
     teacher = tmp_path / "t.pt"
     torch.save({"model": build_model("conv3", 10, 1, 28).state_dict()}, teacher)
-    args = lambda d, *x: ["distill", "--teacher", str(teacher), "--out", str(d), "--ipc", "2", "--mipc", "10",  # noqa: E731
-                          "--nrr-iterations", "120", "--refine-batch-size", "4", *SMALL, *x]
+    args = lambda d, *x: ["distill", "--teacher", str(teacher), "--out", str(d),  # noqa: E731
+                          "--ipc", "2", "--mipc", "10", "--nrr-iterations", "120", "--refine-batch-size", "4", *SMALL, *x]
     assert main(args(tmp_path / "ref")) == 0
     syn = tmp_path / "syn"
     parts = syn / "refine.parts"
