@@ -52,12 +52,18 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+META_KEY = "nrrdd"         # the safetensors metadata key holding this project's metadata as canonical JSON
+
+
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
                             metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    # One canonical JSON string under one key: safetensors writes a metadata dict in a different key order
+    # from one process to the next, and the same data must give the same bytes (resumed or sharded runs).
+    meta = {META_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -68,6 +74,8 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         meta = f.metadata() or {}
         for k in f.keys():
             out[k] = f.get_tensor(k)
+    if META_KEY in meta:                # written by atomic_save_safetensors; older files hold a plain dict
+        meta = json.loads(meta[META_KEY])
     return out, meta
 
 

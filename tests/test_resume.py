@@ -63,7 +63,7 @@ def test_killed_student_training_resumes_to_the_same_result(tmp_path):
     assert not ckpt.exists()                                      # spent state is removed once the result is in
 
 
-def test_killed_relabelling_resumes_to_identical_labels(tmp_path):
+def test_killed_relabelling_resumes_to_byte_identical_labels(tmp_path):
     import torch
 
     from nrrdd.models import build_model
@@ -93,19 +93,13 @@ def test_killed_relabelling_resumes_to_identical_labels(tmp_path):
     assert not (syn / "labels_soft.safetensors").exists()
     assert main(args(syn)) == 2                                   # leftover chunks: refused without --resume
     assert main(args(syn, "--resume")) == 0
-    from nrrdd.io import load_safetensors
-
-    # identical tensors and metadata (not compared as bytes: safetensors orders the metadata of its header
-    # differently from one process to the next)
-    (got, got_meta), (want, want_meta) = (load_safetensors(d / "labels_soft.safetensors") for d in (syn, ref))
-    assert torch.equal(got["labels"], want["labels"]) and got_meta == want_meta
+    assert (syn / "labels_soft.safetensors").read_bytes() == (ref / "labels_soft.safetensors").read_bytes()
     assert not parts.exists()
 
 
 def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
     import torch
 
-    from nrrdd.io import load_safetensors
     from nrrdd.models import build_model
 
     torch.manual_seed(0)
@@ -132,6 +126,5 @@ def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
     assert main(args(syn)) == 2                                   # leftover batches: refused without --resume
     assert main(args(syn, "--nrr-eps", "0.3", "--resume")) == 2   # other settings: refused
     assert main(args(syn, "--resume")) == 0
-    got, want = (load_safetensors(d / "synthetic.safetensors")[0] for d in (syn, tmp_path / "ref"))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert (syn / "synthetic.safetensors").read_bytes() == (tmp_path / "ref" / "synthetic.safetensors").read_bytes()
     assert not parts.exists()
