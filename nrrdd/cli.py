@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(cfg, quick=ns.quick, rows=ns.methods, explicit=_explicit(ns))
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RuntimeError) as e:
+    except (OSError, ValueError, FloatingPointError, RuntimeError) as e:     # OSError: missing/unwritable files
         print(f"nrrdd {ns.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

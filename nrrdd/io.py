@@ -187,3 +187,15 @@ class ChunkStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def ensure_writable(folder: str | Path) -> None:
+    """Fail before any work, with the reason, when ``folder`` cannot be created or written to."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".nrrdd-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"output folder {folder} is not writable ({e.strerror or e}): choose another --out") from e

@@ -33,7 +33,7 @@ from .config import RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
 from .discover import discover
 from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
-                 file_sha256, load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
+                 ensure_writable, file_sha256, load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine
 from .relabel import LabelParts, load_labels, relabel, save_labels
@@ -129,6 +129,7 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     out = Path(cfg.out)
     ckpt = out / "teacher.pt"
     refuse_overwrite(ckpt, "a teacher checkpoint")
+    ensure_writable(out)
     sp = ctx.splits
     model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
     with _timed(ctx, "train"):
@@ -206,6 +207,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
             raise ValueError(f"teacher --arch {cfg.arch!r} cannot give the CAM that method {cfg.method!r} needs "
                              f"({'discovery and ' if cfg.method == 'nrrdd' else ''}refinement mask): {e}. "
                              "Use a convolutional teacher, or --method rded / sre2l (no CAM)") from e
+    ensure_writable(out)                            # checks done; before the work
     with _timed(ctx, "discover"):
         d = discover(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
                      num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
@@ -273,6 +275,7 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
     ctx = make_context(cfg, like=ctx)
     out = Path(syn_dir) / f"labels_{mode}.safetensors"
     refuse_overwrite(out, f"a {mode} label file")
+    ensure_writable(syn_dir)
     images, labels, _, _ = read_synthetic(syn_dir)
     parts = LabelParts(Path(syn_dir) / f"labels_{mode}.parts", _identity(ctx), cfg.checkpoint_every)
     if parts.exists() and not cfg.resume:
@@ -304,6 +307,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     tag = eval_tag(cfg, label_mode)
     out = Path(syn_dir) / f"eval_{tag}.json"
     refuse_overwrite(out, "an evaluation result")
+    ensure_writable(syn_dir)
     images, labels, _, meta = read_synthetic(syn_dir)
     if meta.get("classes") and json.loads(meta["classes"]) != sp.classes:
         raise ValueError(f"synthetic set {syn_dir} was made for other classes than {cfg.dataset}'s")

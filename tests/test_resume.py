@@ -1,6 +1,6 @@
-"""A student training killed with SIGKILL at random points and resumed with --resume ends exactly where an
-uninterrupted run ends; without --resume the leftover state is refused, and a resume with other settings
-too."""
+"""Faults: a run killed with SIGKILL at random points and resumed with --resume ends exactly (byte for byte)
+where an uninterrupted run ends - student training, relabelling, distillation; leftover state is refused
+without --resume and with other settings; an unwritable output folder fails before any work."""
 from __future__ import annotations
 
 import json
@@ -128,3 +128,13 @@ def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
     assert main(args(syn, "--resume")) == 0
     assert (syn / "synthetic.safetensors").read_bytes() == (tmp_path / "ref" / "synthetic.safetensors").read_bytes()
     assert not parts.exists()
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rc = main(["distill", "--method", "random", "--no-refine", "--ipc", "1", "--mipc", "5",
+               "--out", str(blocker / "out"), *SMALL])
+    assert rc == 2
+    assert "is not writable" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
