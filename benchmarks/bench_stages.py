@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     table: list = []
     t_all = time.perf_counter()
 
-    def point(name, provider, shape, unit, p, work_unit_fn=None):
+    def point(name, provider, shape, unit, p):
         runs = [run_child(p) for _ in range(reps)]
         rates = [r["work"] / r["seconds"] for r in runs]
         med, p20, p80 = quantiles(rates)

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+# A small real Fashion-MNIST setup for CLI tests (a teacher trains in seconds on it; conftest.fmnist_teacher).
+SMALL_FMNIST = ["--train-limit", "3000", "--test-limit", "1000", "--val-per-class", "20", "--threads", "2"]
 
 
 def foolbox_data() -> Path | None:

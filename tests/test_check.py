@@ -6,20 +6,18 @@ import shutil
 
 import pytest
 import torch
-from imagefolders import FMNIST, bad_input_folder, imagenet_jpegs
+from imagefolders import FMNIST, SMALL_FMNIST, bad_input_folder, imagenet_jpegs
 
 from nrrdd.cli import main
 
 pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
                                 reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-SMALL = ["--train-limit", "2000", "--test-limit", "200", "--val-per-class", "20", "--threads", "2"]
+SMALL = SMALL_FMNIST
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert main(["train-teacher", "--out", str(out), "--teacher-epochs", "1", *SMALL]) == 0
-    return out / "teacher.pt"
+@pytest.fixture
+def teacher(fmnist_teacher):
+    return fmnist_teacher
 
 
 def check(capsys, *args) -> tuple[int, str]:
@@ -61,8 +59,8 @@ def test_wrong_class_count_and_class_order(teacher, capsys, tmp_path):
 
 
 def test_too_few_images_per_class_and_existing_output(teacher, capsys, tmp_path):
-    rc, out = check(capsys, "--teacher", str(teacher), "--ipc", "250", *SMALL)   # ~180 images per class
-    assert rc == 1 and "fewer usable images than the 250 patches" in out
+    rc, out = check(capsys, "--teacher", str(teacher), "--ipc", "400", *SMALL)   # ~280 images per class
+    assert rc == 1 and "fewer usable images than the 400 patches" in out
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "synthetic.safetensors").write_bytes(b"x")
     rc, out = check(capsys, "--teacher", str(teacher), "--out", str(tmp_path / "o"), *SMALL)

@@ -2,27 +2,23 @@
 
 Needs the Debian package dataset-fashion-mnist (.ci/run installs it)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from imagefolders import FMNIST, SMALL_FMNIST
+
 from nrrdd.cli import main
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
                                 reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
-SMALL = ["--train-limit", "3000", "--test-limit", "1000", "--val-per-class", "20", "--threads", "2"]
+SMALL = SMALL_FMNIST
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert main(["train-teacher", "--out", str(out), "--teacher-epochs", "2", *SMALL]) == 0
-    meta = json.loads((out / "teacher.json").read_text())
-    assert meta["test_top1"] > 50, meta
-    return out / "teacher.pt"
+@pytest.fixture
+def teacher(fmnist_teacher):
+    return fmnist_teacher
 
 
 def test_nrrdd_distill_relabel_evaluate_beats_chance(teacher, tmp_path):

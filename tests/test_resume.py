@@ -31,6 +31,27 @@ def _spawn(args):
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _progress(folder, pattern):
+    """What a run has saved so far (names and write times of its pieces); changes with every save."""
+    return frozenset((p.name, p.stat().st_mtime_ns) for p in folder.glob(pattern)) if folder.exists() else None
+
+
+def _kill_three_times(args, folder, pattern, seed):
+    """Start ``args`` (with --resume after the first time) and SIGKILL it at a random moment after it saved
+    something new, three times; each attempt must still be running when it is killed."""
+    rng = random.Random(seed)
+    for attempt in range(3):
+        before = _progress(folder, pattern)
+        p = _spawn(args(*(["--resume"] if attempt else [])))
+        deadline = time.time() + 120
+        while _progress(folder, pattern) == before and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert p.poll() is None, f"{args()[0]} finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
 def test_killed_student_training_resumes_to_the_same_result(tmp_path):
     syn = tmp_path / "syn"
     assert main(["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", "--out", str(syn),
@@ -41,19 +62,7 @@ def test_killed_student_training_resumes_to_the_same_result(tmp_path):
     expected = json.loads((ref / "eval_hard_conv3_s0.json").read_text())
 
     ckpt = syn / "checkpoint_hard_conv3_s0.pt"
-    rng = random.Random(0)
-    kills = 0
-    for attempt in range(3):
-        p = _spawn(_evaluate_args(syn, *(["--resume"] if attempt else [])))
-        deadline = time.time() + 120
-        while not ckpt.exists() and p.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.4))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
-        p.wait()
-    assert kills == 3                                             # each attempt died mid-training
+    _kill_three_times(lambda *x: _evaluate_args(syn, *x), syn, ckpt.name, seed=0)
     assert not (syn / "eval_hard_conv3_s0.json").exists()
     assert main(_evaluate_args(syn)) == 2                         # leftover state: refused without --resume
     assert main(_evaluate_args(syn, "--lr", "0.01", "--resume")) == 2   # other settings: refused
@@ -80,16 +89,7 @@ def test_killed_relabelling_resumes_to_byte_identical_labels(tmp_path):
                           "--ipc", "2", "--epochs", "400", "--checkpoint-every", "5", *SMALL, *x]
     assert main(args(ref)) == 0
     parts = syn / "labels_soft.parts"
-    rng = random.Random(1)
-    for attempt in range(3):
-        p = _spawn(args(syn, *(["--resume"] if attempt else [])))
-        deadline = time.time() + 120
-        while not list(parts.glob("epochs_*")) and p.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
-        assert p.poll() is None, "relabelling finished before it could be killed"
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    _kill_three_times(lambda *x: args(syn, *x), parts, "epochs_*", seed=1)
     assert not (syn / "labels_soft.safetensors").exists()
     assert main(args(syn)) == 2                                   # leftover chunks: refused without --resume
     assert main(args(syn, "--resume")) == 0
@@ -110,18 +110,7 @@ def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
     assert main(args(tmp_path / "ref")) == 0
     syn = tmp_path / "syn"
     parts = syn / "refine.parts"
-    rng = random.Random(2)
-    for attempt in range(3):
-        p = _spawn(args(syn, *(["--resume"] if attempt else [])))
-        deadline = time.time() + 120
-        n0 = len(list(parts.glob("batch_*"))) if parts.exists() else 0
-        while len(list(parts.glob("batch_*")) if parts.exists() else []) <= n0 and p.poll() is None \
-                and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
-        assert p.poll() is None, "distillation finished before it could be killed"
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    _kill_three_times(lambda *x: args(syn, *x), parts, "batch_*", seed=2)
     assert not (syn / "synthetic.safetensors").exists()
     assert main(args(syn)) == 2                                   # leftover batches: refused without --resume
     assert main(args(syn, "--nrr-eps", "0.3", "--resume")) == 2   # other settings: refused
