@@ -194,11 +194,12 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
         patches = normalizer.inverse(k.crop).cpu()                          # pixel units, [n_patch, C, s, s]
         images.append(stitch(patches, factor, S).clamp_(0, 1))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
+        base_idx = train.locate(k.index)[1].tolist()
         for j in range(n_patch):
             src_j = {"class": c, "image": int(k.index[j]), "box": k.box[j].tolist(), "score": float(k.score[j]),
                      "slot": [j % ipc, j // ipc]}
             if files is not None:
-                src_j["file"] = files[int(train.locate([int(k.index[j])])[1][0])][0]
+                src_j["file"] = files[base_idx[j]][0]
             sources.append(src_j)
     return Discovery(torch.cat(images), torch.cat(labels), sources,
                      skipped=[{"file": p, "reason": r} for p, r in src.skipped], loader=src.backend)

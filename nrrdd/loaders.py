@@ -116,7 +116,7 @@ class PatchSource:
         """Cheap per-file checks and the geometry each backend applies; bad files go to ``skipped``."""
         f = self._folder
         jobs = []
-        for pos, (i, bi) in enumerate(zip(self.indices.tolist(), self._base_idx.tolist())):
+        for i, bi in zip(self.indices.tolist(), self._base_idx.tolist()):
             path, label = f.samples[bi]
             reason = check_image_file(path)
             if reason is None:
@@ -128,7 +128,7 @@ class PatchSource:
                 self.skipped.append((path, reason))
                 continue
             geom = center_geometry(h, w, f.resize, f.size)
-            jobs.append(_Job(pos, i, path, label, geom, self._job_boxes(i)))
+            jobs.append(_Job(i, path, label, geom, self._job_boxes(i)))
         return jobs
 
     def _finish(self, index, label, image, crops, boxes) -> PatchBatch:
@@ -171,7 +171,6 @@ class PatchSource:
 
 @dataclass
 class _Job:
-    pos: int                       # position in the shard's list
     index: int                     # dataset index
     path: str
     label: int
