@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -87,6 +88,10 @@ def build_config(ns: argparse.Namespace) -> RunConfig:
 
 
 def _print(obj) -> None:
+    from .dist import env_world
+
+    if env_world() > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return                                      # under torchrun only rank 0 reports
     print(json.dumps(obj, indent=2, default=str))
 
 
@@ -130,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                                      "mipc, teacher checkpoint, class order and accuracy, output folder")
     p.add_argument("--val-images", type=int, default=500, help="validation images for the teacher's accuracy")
     _add_config_flags(p)
+    p = sub.add_parser("convert-fkd", help="an SRe2L/FKD soft-label folder (epoch_*/batch_*.tar) as one safetensors "
+                                           "file, read without running code from it (weights_only=True)")
+    p.add_argument("fkd_path", help="the --fkd-path folder of SRe2L's relabelling")
+    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("--fkd-seed", type=int, default=42, help="SRe2L's --fkd-seed, to record which image each row is "
+                                                            "(-1: do not)")
     p = sub.add_parser("show-config", help="print the resolved config as JSON")
     _add_config_flags(p)
 
@@ -141,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "show-config":
             _print(cfg.to_dict())
+        elif ns.command == "convert-fkd":
+            from .fkd import convert
+            from .io import refuse_overwrite
+
+            refuse_overwrite(ns.output, "a file")
+            _print(convert(ns.fkd_path, ns.output, None if ns.fkd_seed < 0 else ns.fkd_seed))
         elif ns.command == "check":
             from .check import format_findings, run_check
 
@@ -170,8 +187,15 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(cfg, quick=ns.quick, rows=ns.methods, explicit=_explicit(ns))
     except (OSError, ValueError, FloatingPointError, RuntimeError) as e:     # OSError: missing/unwritable files
-        print(f"nrrdd {ns.command}: error: {e}", file=sys.stderr)
+        from .dist import env_world
+
+        rank = f" (rank {os.environ.get('RANK')})" if env_world() > 1 else ""
+        print(f"nrrdd {ns.command}{rank}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from .dist import teardown
+
+        teardown()
     return 0
 
 

@@ -76,6 +76,7 @@ class RunConfig:
     dbr_temperature: float = 1.0        # [default]
     eval_batch_size: int = 500
     compile: bool | None = None         # torch.compile student training; None: where it pays (see resolved_compile)
+    sync_bn: bool | None = None         # several processes: SyncBatchNorm in the student; None: on CUDA (CPU has none)
 
     # --- teacher training ----------------------------------------------------------------------------
     teacher_epochs: int = 5
@@ -118,6 +119,17 @@ class RunConfig:
         if self.compile is not None:
             return self.compile
         return device_type == "cuda" or self.epochs * n_images >= CPU_COMPILE_MIN_SAMPLES
+
+    def resolved_sync_bn(self, device_type: str, world: int) -> bool:
+        """BatchNorm statistics over the whole batch when it is split across processes. PyTorch's SyncBatchNorm
+        runs on CUDA only; on the CPU each process normalises its part of the batch (within run-to-run noise)."""
+        if world <= 1:
+            return False
+        if self.sync_bn is None:
+            return device_type == "cuda"
+        if self.sync_bn and device_type != "cuda":
+            raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation")
+        return self.sync_bn
 
     def resolved_batch_size(self, num_classes: int) -> int:
         """RDED's student batch size rule, capped at the synthetic set size."""

@@ -23,6 +23,7 @@ import torch.nn as nn
 from .augment import STREAM_DISCOVER, STREAM_NOISE, STREAM_SELECT, pad_to, random_resized_boxes, rng, stitch
 from .cam import class_activation_map
 from .data import ImageSet, Normalizer
+from .dist import SINGLE, Dist
 from .loaders import PatchSource
 from .runtime import autocast, progress
 
@@ -113,6 +114,20 @@ class _Kept:
     def __len__(self) -> int:
         return 0 if self.key is None else len(self.key)
 
+    def state(self):
+        return None if self.key is None else (self.key, self.score, self.index, self.box, self.crop.cpu())
+
+    @classmethod
+    def merged(cls, n: int, descending: bool, states: list, position: torch.Tensor) -> "_Kept":
+        """The ``n`` best of several ranks' kept candidates, ties broken by candidate order as in one stream."""
+        k = cls(n, descending)
+        states = [s for s in states if s is not None]
+        if states:
+            key, score, index, box, crop = (torch.cat(parts) for parts in zip(*states))
+            first = torch.argsort(position[index])          # candidate order, then a stable sort by key
+            k.add(key[first], score[first], index[first], box[first], crop[first])
+        return k
+
 
 def noise_init(n_classes: int, ipc: int, channels: int, size: int, seed: int, normalizer: Normalizer) -> Discovery:
     """SRe2L's starting point: N(0, 1) noise in normalised space, ``ipc`` images per class, class c drawn from
@@ -131,11 +146,14 @@ def noise_init(n_classes: int, ipc: int, channels: int, size: int, seed: int, no
 def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
              mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
              keep: str = "low", batch_size: int = 256, device: torch.device | str = "cpu",
-             precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2) -> Discovery:
+             precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2,
+             dist: Dist = SINGLE) -> Discovery:
     """Run stage 1 for every class; returns stitched images in pixel units (see :class:`Discovery`).
 
     All candidates of all classes stream through one :class:`~nrrdd.loaders.PatchSource` (class after
     class), so image decoding runs ahead of the teacher; ``loader`` picks its backend (DALI or torch).
+    Several processes (``dist``): batch ``k`` of that stream is scored by rank ``k % world`` as the same
+    batch as in one process; the ranks' kept candidates are then merged, and every rank returns the result.
     """
     if method == "sre2l":
         return noise_init(len(train.classes), ipc, train.channels, train.size, seed, normalizer)
@@ -163,11 +181,16 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
     order = torch.cat(cands)
     position = torch.empty(int(order.max()) + 1, dtype=torch.long)
     position[order] = torch.arange(len(order))
-    src = PatchSource(train, order, normalizer, crop_size=s, boxes=boxes_fn, loader=loader, batch_size=batch_size,
+    descending = method == "nrrdd" and keep == "high"
+    mine = order
+    if dist.active:         # whole batches of the one-process stream: each is scored exactly as it would be there
+        mine = torch.cat([order[k * batch_size:(k + 1) * batch_size]
+                          for k in dist.mine(-(-len(order) // batch_size))] or [order[:0]])
+    src = PatchSource(train, mine, normalizer, crop_size=s, boxes=boxes_fn, loader=loader, batch_size=batch_size,
                       workers=workers, device=device)
-    kept = [_Kept(n_patch, descending=method == "nrrdd" and keep == "high") for _ in range(n_classes)]
-    for batch in progress(src, desc=f"discover[{method}]", enable=show_progress,
-                          total=-(-len(order) // batch_size)):
+    kept = [_Kept(n_patch, descending) for _ in range(n_classes)]
+    for batch in progress(src, desc=f"discover[{method}]", enable=show_progress and dist.is_main,
+                          total=-(-len(mine) // batch_size)):
         if method == "random":
             best = torch.zeros(len(batch.index), dtype=torch.long)
             score = torch.full((len(batch.index),), float("nan"))
@@ -183,12 +206,17 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
         for c in batch.label.unique().tolist():
             m = batch.label == c
             kept[c].add(key[m], score[m], batch.index[m], box[m], crop[m.to(crop.device)])
+    skipped = src.skipped
+    if dist.active:
+        shards = dist.all_gather(([k.state() for k in kept], src.skipped))
+        kept = [_Kept.merged(n_patch, descending, [sh[0][c] for sh in shards], position) for c in range(n_classes)]
+        skipped = [s for sh in shards for s in sh[1]]
     base, _ = train.locate([])
     files = getattr(base, "samples", None)
     images, labels, sources = [], [], []
     for c, k in enumerate(kept):
         if len(k) < n_patch:
-            bad = [f"{p}: {r}" for p, r in src.skipped][:5]
+            bad = [f"{p}: {r}" for p, r in skipped][:5]
             raise ValueError(f"class {c} ({train.classes[c]!r}) has only {len(k)} usable candidate images but "
                              f"{n_patch} patches are needed; files skipped: {bad}")
         patches = normalizer.inverse(k.crop).cpu()                          # pixel units, [n_patch, C, s, s]
@@ -202,4 +230,4 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
                 src_j["file"] = files[base_idx[j]][0]
             sources.append(src_j)
     return Discovery(torch.cat(images), torch.cat(labels), sources,
-                     skipped=[{"file": p, "reason": r} for p, r in src.skipped], loader=src.backend)
+                     skipped=[{"file": p, "reason": r} for p, r in skipped], loader=src.backend)

@@ -49,7 +49,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        # through a file object: torch.save names the archive inside after a *path* (here the random temporary
+        # name), which made the same weights hash differently on every save
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _atomic(path, write)
 
 
 META_KEY = "nrrdd"         # the safetensors metadata key holding this project's metadata as canonical JSON

@@ -32,6 +32,7 @@ from .cam import require_cam
 from .config import RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
 from .discover import discover
+from .dist import SINGLE, Dist, setup as setup_dist
 from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
                  ensure_writable, file_sha256, load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
@@ -48,6 +49,7 @@ class Context:
     precision: str
     splits: Splits
     timings: dict[str, float] = field(default_factory=dict)
+    dist: Dist = SINGLE             # this process's rank among those torchrun started (nrrdd.dist)
 
     @property
     def factor(self) -> int:
@@ -67,20 +69,21 @@ def make_context(cfg: RunConfig, like: Context | None = None) -> Context:
     if like is not None:
         if _data_key(like.cfg) != _data_key(cfg) or like.cfg.device != cfg.device:
             raise ValueError("a shared context must have the same data and device settings as the run")
-        return Context(cfg, like.device, like.precision, like.splits)
+        return Context(cfg, like.device, like.precision, like.splits, dist=like.dist)
     set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist, device = setup_dist(resolve_device(cfg.device))
     key = _data_key(cfg)
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE[key] = load_splits(cfg.dataset, cfg.data_root, input_size=cfg.input_size,
                                          val_per_class=cfg.val_per_class, test_root=cfg.test_root,
                                          train_limit=cfg.train_limit, test_limit=cfg.test_limit)
-    return Context(cfg, device, resolve_precision(cfg.precision, device), _SPLITS_CACHE[key])
+    return Context(cfg, device, resolve_precision(cfg.precision, device), _SPLITS_CACHE[key], dist=dist)
 
 
 def _provenance(ctx: Context) -> dict:
     """What every manifest records besides the config: dataset fingerprint and teacher file hash."""
-    facts = {"dataset_fingerprint": ctx.splits.fingerprint(), "device": str(ctx.device), "precision": ctx.precision}
+    facts = {"dataset_fingerprint": ctx.splits.fingerprint(), "device": str(ctx.device), "precision": ctx.precision,
+             "processes": ctx.dist.world}
     if ctx.cfg.teacher and Path(ctx.cfg.teacher).exists():
         facts["teacher_sha256"] = file_sha256(ctx.cfg.teacher)
     return facts
@@ -89,7 +92,7 @@ def _provenance(ctx: Context) -> dict:
 def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
     cfg = ctx.cfg
     return dict(batch_size=cfg.eval_batch_size, device=ctx.device, precision=ctx.precision, loader=cfg.loader,
-                workers=cfg.loader_workers, skipped=skipped)
+                workers=cfg.loader_workers, skipped=skipped, dist=ctx.dist)
 
 
 # Fields that may differ between a killed run and its resumption: how it runs, not what it computes.
@@ -105,7 +108,11 @@ def _identity(ctx: Context, ignore: set[str] = _RUNTIME_FIELDS, **inputs) -> dic
     """What a resumed stage must share with the killed one: its settings (but ``ignore``), data and teacher
     (and ``inputs``)."""
     ident = {k: v for k, v in ctx.cfg.to_dict().items() if k not in ignore}
-    return {**ident, **_provenance(ctx), **inputs}
+    # the kind of device, not its index or the number of processes: a run may resume on other GPUs, or
+    # with another number of them (every piece of work is the same whatever the number of processes)
+    facts = {k: v for k, v in _provenance(ctx).items() if k != "processes"}
+    facts["device"] = ctx.device.type
+    return {**ident, **facts, **inputs}
 
 
 def _timed(ctx: Context, name: str):
@@ -126,11 +133,14 @@ def teacher_meta_path(ckpt: str | Path) -> Path:
 
 def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     ctx = make_context(cfg)
+    if ctx.dist.active:
+        raise ValueError("train-teacher runs in one process: start it without torchrun")
     out = Path(cfg.out)
     ckpt = out / "teacher.pt"
     refuse_overwrite(ckpt, "a teacher checkpoint")
     ensure_writable(out)
     sp = ctx.splits
+    torch.manual_seed(cfg.seed)                     # the initial weights: the same teacher from the same command
     model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
     with _timed(ctx, "train"):
         train_teacher(model, sp.train, sp.normalizer, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
@@ -213,7 +223,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                      num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
                      cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
                      precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
-                     workers=cfg.loader_workers)
+                     workers=cfg.loader_workers, dist=ctx.dist)
     images = sp.normalizer(d.images)
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
     refined = cfg.resolved_refine()
@@ -222,6 +232,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     if refined and parts.exists() and not cfg.resume:
         raise FileExistsError(f"{parts.folder} holds the refined batches of an interrupted distillation: pass "
                               "--resume to continue it (or remove the folder to start over)")
+    ctx.dist.barrier()                              # every rank has looked for leftovers before any is written
     if refined:
         with _timed(ctx, "refine"):
             r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
@@ -231,8 +242,12 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                        batch_size=cfg.refine_batch_size, masked=not sre2l, cam=cfg.cam,
                        jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(),
                        seed=cfg.seed, precision=ctx.precision, device=ctx.device, show_progress=show_progress,
-                       desc="synthesise[sre2l]" if sre2l else "refine", parts=parts)
+                       desc="synthesise[sre2l]" if sre2l else "refine", parts=parts, dist=ctx.dist)
+        if not ctx.dist.is_main:                    # rank 0 has the refined images and writes them
+            return _follower_done(ctx, {"out": str(out), "n_images": int(images.shape[0])})
         images, masks = r.images, r.masks
+    if not ctx.dist.is_main:
+        return _follower_done(ctx, {"out": str(out), "n_images": int(images.shape[0])})
     with _timed(ctx, "write"):
         write_synthetic(out, images, d.labels, masks, sp)
     parts.remove()                                  # the synthetic set is written: its refined batches are spent
@@ -241,7 +256,14 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                    synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
                    timings=dict(ctx.timings), loader=d.loader, skipped_files=d.skipped + _ignored(sp),
                    sources=d.sources)
+    ctx.dist.barrier()                              # the other ranks wait for the files
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
+
+
+def _follower_done(ctx: Context, result: dict) -> dict:
+    """A rank other than 0 at the end of a stage: wait until rank 0 has written the stage's files."""
+    ctx.dist.barrier()
+    return {**result, "rank": ctx.dist.rank, "timings": dict(ctx.timings)}
 
 
 def write_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, sp: Splits) -> None:
@@ -287,12 +309,15 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
         stored = relabel(teacher, images, labels, mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=ctx.factor,
                          cutmix_alpha=cfg.cutmix_alpha, temperature=temperature,
                          batch_size=max(1, cfg.resolved_batch_size(len(ctx.splits.classes))), device=ctx.device,
-                         precision=ctx.precision, parts=parts, show_progress=show_progress)
+                         precision=ctx.precision, parts=parts, show_progress=show_progress, dist=ctx.dist)
+    if not ctx.dist.is_main:
+        return _follower_done(ctx, {"labels_file": str(out)})
     save_labels(out, stored, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
                 temperature=temperature, synthetic_sha256=tensor_sha256(images, labels))
     parts.remove()                                  # the label file is written: its chunks are spent
     write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), **_provenance(ctx), labels_file=str(out),
                    label_bytes=out.stat().st_size, timings=dict(ctx.timings))
+    ctx.dist.barrier()
     return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": list(stored.shape),
             "timings": dict(ctx.timings)}
 
@@ -334,12 +359,14 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
                       teacher=teacher, stored=stored, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       temperature=cfg.temperature, cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr,
                       dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
-                      precision=ctx.precision, compile=compiled, checkpoint=ckpt,
-                      show_progress=show_progress)
+                      precision=ctx.precision, compile=compiled, checkpoint=ckpt, show_progress=show_progress,
+                      dist=ctx.dist, sync_bn=cfg.resolved_sync_bn(ctx.device.type, ctx.dist.world))
     with _timed(ctx, "evaluate"):
         skipped: list = []
         test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
         val = evaluate(student, sp.val, sp.normalizer, **_eval_kw(ctx, skipped))
+    if not ctx.dist.is_main:
+        return _follower_done(ctx, {"labels": label_mode, "test_top1": test, "val_top1": val})
     result = {"labels": label_mode, "student": cfg.student, "seed": cfg.seed, "test_top1": test, "val_top1": val,
               "label_bytes": label_bytes, "n_images": int(images.shape[0]), "epochs": cfg.epochs, "compiled": compiled,
               "timings": dict(ctx.timings)}
@@ -347,6 +374,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     ckpt.remove()                                   # the result is written: the training state is spent
     write_manifest(syn_dir, stage=f"evaluate_{tag}", config=cfg.to_dict(), **_provenance(ctx), results=result,
                    skipped_files=[{"file": p, "reason": r} for p, r in skipped])
+    ctx.dist.barrier()
     return result
 
 

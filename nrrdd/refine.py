@@ -25,6 +25,7 @@ from nrrdd.kernels import MaskedAdam
 
 from .augment import STREAM_JITTER, rng
 from .cam import class_activation_map, nrr_mask
+from .dist import SINGLE, Dist
 from .io import ChunkStore
 from .runtime import autocast, progress
 
@@ -78,16 +79,20 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
            a_bn: float = 0.01, first_bn_multiplier: float = 10.0, mask_every: int = 0, batch_size: int = 100,
            masked: bool = True, cam: str = "auto", jitter: int = 0, flip: bool = False, seed: int = 0,
            precision: str = "fp32", device="cpu", show_progress: bool = True, desc: str = "refine",
-           parts: ChunkStore | None = None) -> RefineResult:
+           parts: ChunkStore | None = None, dist: Dist = SINGLE) -> RefineResult | None:
     """Refine normalised ``images`` [N, C, H, W] in batches; returns new tensors (inputs are not modified).
 
     ``masked=False`` optimises every pixel (SRe2L-style synthesis, or an unmasked ablation). ``jitter`` (px)
     and ``flip`` augment the teacher's input each step (SRe2L); off by default. ``seed`` keys their draws.
     ``parts``: keep each refined batch there as it is done and skip the batches already there (batches are
     refined independently, so a killed run resumes at the batch it was in).
+    ``dist``: batch ``k`` is refined by rank ``k % world``, which keeps it in ``parts`` (needed, on a folder every
+    rank sees); rank 0 then assembles the result from them, the other ranks return None.
     """
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0 px, got {jitter}")
+    if dist.active and parts is None:
+        raise ValueError("refinement in several processes passes its batches through `parts` (a ChunkStore)")
     device = torch.device(device)
     teacher.eval()
     for p in teacher.parameters():
@@ -99,10 +104,12 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
     # Interleave classes inside each batch, so BN statistics are matched over a class mix as in SRe2L.
     order = torch.argsort(_rank_within_class(labels) * (int(labels.max()) + 1) + labels, stable=True)
     try:
-        bar = progress(range(0, len(order), batch_size), desc=desc, enable=show_progress)
+        bar = progress(range(0, len(order), batch_size), desc=desc, enable=show_progress and dist.is_main)
         for start in bar:
             idx = order[start:start + batch_size]
             name = f"batch_{start // batch_size:06d}"
+            if not dist.owns(start // batch_size):
+                continue
             done = parts.load(name) if parts is not None else None
             if done is not None:
                 out.append((idx, done[0]["images"], done[0]["masks"]))
@@ -117,6 +124,20 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
                 parts.save(name, {"images": out[-1][1], "masks": out[-1][2]}, loss=repr(last))
     finally:
         bn_loss.remove()
+    if dist.active:
+        dist.barrier()                              # every batch is in parts now
+        if not dist.is_main:
+            return None
+        for start in range(0, len(order), batch_size):
+            if not dist.owns(start // batch_size):
+                done = parts.load(f"batch_{start // batch_size:06d}")
+                if done is None:
+                    raise RuntimeError(f"refined batch {start // batch_size} is missing from {parts.folder}: "
+                                       "every rank must see the same output folder")
+                tensors, meta = done
+                out.append((order[start:start + batch_size], tensors["images"], tensors["masks"]))
+                if start + batch_size >= len(order):
+                    last = float(meta["loss"])
     result = torch.empty_like(images)
     masks = torch.zeros(images.shape[0], 1, *images.shape[-2:])
     for idx, x, m in out:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from nrrdd.kernels import dbr_distances
 
 from .augment import epoch_augment, mixed_batch
+from .dist import SINGLE, Dist
 from .io import ChunkStore, atomic_save_safetensors, load_safetensors
 from .runtime import autocast, progress
 
@@ -22,40 +23,54 @@ from .runtime import autocast, progress
 def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int, seed: int,
             factor: int, cutmix_alpha: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
             device="cpu", precision: str = "fp32", parts: "LabelParts | None" = None,
-            show_progress: bool = True) -> torch.Tensor:
+            show_progress: bool = True, dist: Dist = SINGLE) -> torch.Tensor | None:
     """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order.
 
     ``parts``: write the labels in chunks of ``parts.every`` epochs as they are made, and start after the
-    chunks already there (a killed run resumes; epoch e's labels depend only on (seed, e))."""
+    chunks already there (a killed run resumes; epoch e's labels depend only on (seed, e)).
+    ``dist``: sample batch ``k`` of epoch ``e`` (the same batches as in one process) is computed by rank
+    ``(e * batches_per_epoch + k) % world``; rank 0 collects them at every chunk and returns the labels, the
+    other ranks return None."""
     if mode not in ("dbr", "soft"):
         raise ValueError(f"relabel mode must be 'dbr' or 'soft', not {mode!r}")
     teacher.eval()
     device = torch.device(device)
     N, S = images.shape[0], images.shape[-1]
     images = images.to(device)
-    out, first = (parts.load(epochs, N) if parts is not None else (None, 0))
-    for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress, total=epochs,
-                      initial=first):
+    n_batches = -(-N // batch_size)
+    out, first = (parts.load(epochs, N, tensors=dist.is_main) if parts is not None else (None, 0))
+    pending: dict[tuple[int, int], torch.Tensor] = {}       # (epoch, batch) -> labels not yet collected
+    for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress and dist.is_main,
+                      total=epochs, initial=first):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
-        for start in range(0, N, batch_size):
-            idx = torch.arange(start, min(N, start + batch_size))
+        for k in range(n_batches):
+            if not dist.owns(e * n_batches + k):
+                continue
+            idx = torch.arange(k * batch_size, min(N, (k + 1) * batch_size))
             x, y_org, y_aug, _ = mixed_batch(images, labels, aug, idx, factor)
             with autocast(device, precision):
                 logits = teacher(x)
-            if out is None:
-                width = 2 if mode == "dbr" else logits.shape[-1]
-                out = torch.empty(epochs, N, width, dtype=torch.float16)
             if mode == "dbr":
                 d_org, d_aug = dbr_distances(logits.float(), y_org.to(device), y_aug.to(device), temperature)
                 vals = torch.stack([d_org, d_aug], 1)
             else:
                 vals = logits.float()
             if not torch.isfinite(vals).all():
-                raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {start}..")
-            out[e, idx] = vals.half().cpu()
-        if parts is not None and ((e + 1) % parts.every == 0 or e + 1 == epochs):
-            parts.save(out, e + 1)
-    return out
+                raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {int(idx[0])}..")
+            pending[e, k] = vals.half().cpu()
+        chunk_end = e + 1 == epochs or (parts is not None and (e + 1) % parts.every == 0)
+        if chunk_end:
+            collected = dist.gather(pending)
+            pending = {}
+            if dist.is_main:
+                for piece in collected:
+                    for (pe, k), v in piece.items():
+                        if out is None:
+                            out = torch.empty(epochs, N, v.shape[-1], dtype=torch.float16)
+                        out[pe, k * batch_size:k * batch_size + len(v)] = v
+                if parts is not None:
+                    parts.save(out, e + 1)
+    return out if dist.is_main else None
 
 
 class LabelParts:
@@ -69,17 +84,19 @@ class LabelParts:
     def exists(self) -> bool:
         return self.store.exists()
 
-    def load(self, epochs: int, n: int) -> tuple[torch.Tensor | None, int]:
-        """(labels so far in an [E, N, W] tensor, first epoch to compute), from the chunks on disk."""
+    def load(self, epochs: int, n: int, tensors: bool = True) -> tuple[torch.Tensor | None, int]:
+        """(labels so far in an [E, N, W] tensor, first epoch to compute), from the chunks on disk.
+        ``tensors=False``: only the first epoch to compute (the chunks' identities are still checked)."""
         out, done = None, 0
         while True:
             name = next((p.stem for p in self.folder.glob(f"epochs_{done:05d}-*.safetensors")), None)
             if name is None:
                 break
             t = self.store.load(name)[0]["labels"]
-            if out is None:
+            if tensors and out is None:
                 out = torch.empty(epochs, n, t.shape[-1], dtype=torch.float16)
-            out[done:done + len(t)] = t
+            if tensors:
+                out[done:done + len(t)] = t
             done += len(t)
         self._saved = done
         return out, done

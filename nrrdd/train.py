@@ -11,12 +11,14 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.distributed as tdist
 import torch.nn.functional as F
 
 from nrrdd.kernels import DBRLoss
 
 from .augment import STREAM_ORDER, epoch_augment, mixed_batch, rng
 from .data import ImageSet, Normalizer
+from .dist import SINGLE, Dist
 from .runtime import autocast, progress
 
 
@@ -35,25 +37,31 @@ def _cosine(total_steps: int):
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_size: int = 500, device="cpu",
              precision: str = "fp32", loader: str = "torch", workers: int = 2,
-             skipped: list | None = None) -> float:
+             skipped: list | None = None, dist: Dist = SINGLE) -> float:
     """Top-1 accuracy (%) of ``model`` on ``data``, read through :func:`nrrdd.loaders.image_batches`.
 
     Images that cannot be decoded are left out of the accuracy and appended to ``skipped`` as
-    (path, reason); callers record them next to the accuracy."""
+    (path, reason); callers record them next to the accuracy. ``dist``: each rank evaluates every
+    ``world``-th image and the counts are summed (every rank returns the same accuracy)."""
     from .loaders import image_batches
 
     model.eval()
     correct = seen = 0
-    src = image_batches(data, normalizer, loader=loader, batch_size=batch_size, workers=workers, device=device)
+    src = image_batches(data, normalizer, loader=loader, batch_size=batch_size, workers=workers, device=device,
+                        shard_id=dist.rank, num_shards=dist.world)
     for b in src:
         with autocast(device, precision):
             pred = model(b.image).argmax(1).cpu()
         correct += int((pred == b.label).sum())
         seen += len(b.label)
+    bad = src.skipped
+    if dist.active:
+        correct, seen = (int(v) for v in dist.sum([correct, seen]))
+        bad = [s for part in dist.all_gather(src.skipped) for s in part]
     if skipped is not None:
-        skipped += src.skipped
+        skipped += bad
     if seen == 0:
-        raise ValueError(f"no image of the {len(data)} to evaluate could be decoded: {src.skipped[:3]}")
+        raise ValueError(f"no image of the {len(data)} to evaluate could be decoded: {bad[:3]}")
     return 100.0 * correct / seen
 
 
@@ -101,10 +109,14 @@ def _shift(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
     return xp.gather(3, cols)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """RDED's soft-label loss: KL(softmax(t/T) || softmax(s/T)), batch mean."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
-                    reduction="batchmean")
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            reduction: str = "mean") -> torch.Tensor:
+    """RDED's soft-label loss: KL(softmax(t/T) || softmax(s/T)) per sample; its batch mean, or per sample
+    with ``reduction="none"``."""
+    s, t = F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1)
+    if reduction == "none":
+        return F.kl_div(s, t, reduction="none").sum(1)
+    return F.kl_div(s, t, reduction="batchmean")
 
 
 def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int,
@@ -113,7 +125,7 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                   temperature: float = 20.0, cutmix_alpha: float = 1.0, alpha_dbr: float = 1.0,
                   dbr_distance: str = "l1", dbr_temperature: float = 1.0, device="cpu", precision: str = "fp32",
                   compile: bool = False, checkpoint: "TrainCheckpoint | None" = None,
-                  show_progress: bool = True) -> nn.Module:
+                  show_progress: bool = True, dist: Dist = SINGLE, sync_bn: bool = False) -> nn.Module:
     """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N].
 
     ``compile``: run the student's (and an online teacher's) forward and backward through
@@ -122,7 +134,12 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
     ``checkpoint``: save model, optimiser and scheduler every ``checkpoint.every`` epochs and start from a
     saved state when there is one (every random choice is keyed by (seed, epoch), so a resumed run
-    continues exactly as an uninterrupted one)."""
+    continues exactly as an uninterrupted one).
+
+    ``dist``: data parallel (DistributedDataParallel). Each step's batch is the one-process batch, split into
+    ``world`` parts; every rank's loss is its part's sum / the batch size x world, so the averaged gradient
+    is the one-process gradient (up to rounding and BatchNorm statistics per part; ``sync_bn`` converts
+    BatchNorm to SyncBatchNorm, CUDA only). Rank 0 writes the checkpoints."""
     device = torch.device(device)
     if mode == "online" and teacher is None:
         raise ValueError("label mode 'online' needs a teacher")
@@ -135,24 +152,37 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
     if mode not in ("online", "soft", "dbr", "hard"):
         raise ValueError(f"unknown label mode {mode!r}: online, soft, dbr or hard")
     N, S = images.shape[0], images.shape[-1]
+    if dist.active and min(batch_size, N % batch_size or batch_size) < dist.world:
+        raise ValueError(f"{dist.world} processes need at least {dist.world} samples in every batch, but the "
+                         f"batches hold {batch_size} and {N % batch_size} (synthetic set of {N}): change --batch-size")
+    if sync_bn:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
     opt = torch.optim.AdamW(_param_groups(student, weight_decay), lr=lr)
     steps_per_epoch = math.ceil(N / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(epochs * steps_per_epoch))
-    dbr = DBRLoss(alpha=alpha_dbr, temperature=dbr_temperature, distance=dbr_distance)
+    reduction = "none" if dist.active else "mean"          # several processes: per sample, summed below
+    dbr = DBRLoss(alpha=alpha_dbr, temperature=dbr_temperature, distance=dbr_distance, reduction=reduction)
     first_epoch = checkpoint.restore(student, opt, sched) if checkpoint is not None else 0
     images = images.to(device)
-    fwd_student = torch.compile(student, dynamic=False) if compile else student
+    model = student
+    if dist.active:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+    fwd_student = torch.compile(model, dynamic=False) if compile else model
     fwd_teacher = torch.compile(teacher, dynamic=False) if compile and teacher is not None else teacher
-    for e in progress(range(first_epoch, epochs), desc=f"student[{mode}]", enable=show_progress,
+    for e in progress(range(first_epoch, epochs), desc=f"student[{mode}]", enable=show_progress and dist.is_main,
                       total=epochs, initial=first_epoch):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         order = torch.from_numpy(rng(seed, STREAM_ORDER, e).permutation(N))
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         for start in range(0, N, batch_size):
             idx = order[start:start + batch_size]
+            n_step = len(idx)
+            if dist.active:
+                idx = idx.tensor_split(dist.world)[dist.rank]
             x, y_org, y_aug, lam = mixed_batch(images, labels, aug, idx, factor)
             y_org, y_aug = y_org.to(device), y_aug.to(device)
             with autocast(device, precision):
@@ -161,15 +191,18 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
             if mode == "online":
                 with torch.no_grad(), autocast(device, precision):
                     t = fwd_teacher(x).float()
-                loss = kd_loss(out, t, temperature)
+                loss = kd_loss(out, t, temperature, reduction)
             elif mode == "soft":
-                loss = kd_loss(out, stored[e, idx].to(device).float(), temperature)
+                loss = kd_loss(out, stored[e, idx].to(device).float(), temperature, reduction)
             elif mode == "dbr":
                 d = stored[e, idx].to(device).float()
                 loss = dbr(out, y_org, y_aug, lam, d[:, 0], d[:, 1])
             else:
                 loss = (lam * F.cross_entropy(out, y_org, reduction="none")
-                        + (1 - lam) * F.cross_entropy(out, y_aug, reduction="none")).mean()
+                        + (1 - lam) * F.cross_entropy(out, y_aug, reduction="none"))
+                loss = loss if dist.active else loss.mean()
+            if dist.active:         # this part's share of the batch mean (DDP averages the ranks' gradients)
+                loss = loss.sum() * (dist.world / n_step)
             # remember the first non-finite step without a host sync per step (a GPU stall); checked per epoch
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), start // batch_size,
                                     first_bad)
@@ -177,10 +210,12 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
             loss.backward()
             opt.step()
             sched.step()
+        if dist.active:
+            tdist.all_reduce(first_bad, op=tdist.ReduceOp.MAX)     # every rank stops together
         if int(first_bad) >= 0:
             raise FloatingPointError(f"student loss became NaN/inf at epoch {e}, step {int(first_bad)} "
                                      f"(label mode {mode}): check the synthetic images and stored labels")
-        if checkpoint is not None and ((e + 1) % checkpoint.every == 0 and e + 1 < epochs):
+        if checkpoint is not None and dist.is_main and ((e + 1) % checkpoint.every == 0 and e + 1 < epochs):
             checkpoint.save(e + 1, student, opt, sched)
     return student.eval()
 
