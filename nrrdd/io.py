@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,15 @@ from typing import Any, Callable
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()      # what open() would give: mkstemp's files are private (0600)
+
+
 def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +36,7 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -71,7 +82,18 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     # One canonical JSON string under one key: safetensors writes a metadata dict in a different key order
     # from one process to the next, and the same data must give the same bytes (resumed or sharded runs).
     meta = {META_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except Exception as e:      # safetensors reports I/O failures (a full disk) as its own error type
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            errno_ = int(code.group(1))
+            raise OSError(errno_, f"{os.strerror(errno_)} while writing {path}") from e
+
+    return _atomic(path, write)
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

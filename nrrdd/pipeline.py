@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     ctx = make_context(cfg, like=ctx)
     out = Path(cfg.out)
     refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
+    refuse_overwrite(out / "syn", "a folder of synthetic images")
     sp = ctx.splits
     teacher = load_teacher(ctx) if (cfg.method != "random" or cfg.resolved_refine()) else None
     needs_cam = cfg.method == "nrrdd" or (cfg.resolved_refine() and not sre2l)
@@ -267,20 +269,31 @@ def _follower_done(ctx: Context, result: dict) -> dict:
 
 
 def write_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, sp: Splits) -> None:
-    """PNG per image in RDED's folder layout (pixel values, lossless) + one safetensors file (exact floats)."""
+    """PNG per image in RDED's folder layout (pixel values, lossless) + one safetensors file (exact floats).
+
+    All or nothing: the PNGs go to a hidden staging folder, then the safetensors file is written, then the
+    folder is renamed to ``syn``; a failure on the way (a full disk) removes the staging folder, so a reader
+    never finds part of a synthetic set (the refinement pieces stay, for --resume)."""
     pixels = (sp.normalizer.inverse(images).clamp(0, 1) * 255).round().to(torch.uint8)
-    counts: dict[int, int] = {}
-    for img, c in zip(pixels, labels.tolist()):
-        i = counts.get(c, 0)
-        counts[c] = i + 1
-        arr = img.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        atomic_save_image(out / "syn" / f"{c:05d}" / f"class{c:05d}_id{i:05d}.png", pil)
-    atomic_save_safetensors(out / "synthetic.safetensors",
-                            {"images": images.float(), "labels": labels.long(), "masks": masks.float()},
-                            metadata={"space": "normalised", "mean": json.dumps(sp.normalizer.mean.tolist()),
-                                      "std": json.dumps(sp.normalizer.std.tolist()),
-                                      "classes": json.dumps(sp.classes)})
+    staging = out / ".syn.partial"
+    shutil.rmtree(staging, ignore_errors=True)          # left by a run killed while writing
+    try:
+        counts: dict[int, int] = {}
+        for img, c in zip(pixels, labels.tolist()):
+            i = counts.get(c, 0)
+            counts[c] = i + 1
+            arr = img.permute(1, 2, 0).numpy()
+            pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+            atomic_save_image(staging / f"{c:05d}" / f"class{c:05d}_id{i:05d}.png", pil)
+        atomic_save_safetensors(out / "synthetic.safetensors",
+                                {"images": images.float(), "labels": labels.long(), "masks": masks.float()},
+                                metadata={"space": "normalised", "mean": json.dumps(sp.normalizer.mean.tolist()),
+                                          "std": json.dumps(sp.normalizer.std.tolist()),
+                                          "classes": json.dumps(sp.classes)})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(out / "syn")
 
 
 def read_synthetic(syn_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

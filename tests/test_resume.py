@@ -1,6 +1,7 @@
 """Faults: a run killed with SIGKILL at random points and resumed with --resume ends exactly (byte for byte)
 where an uninterrupted run ends - student training, relabelling, distillation; leftover state is refused
-without --resume and with other settings; an unwritable output folder fails before any work."""
+without --resume and with other settings; an unwritable output folder fails before any work; a full disk
+fails with a clear error and leaves no partial output."""
 from __future__ import annotations
 
 import json
@@ -127,3 +128,44 @@ def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
     assert rc == 2
     assert "is not writable" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), mounted for the test; skipped where mounting is not permitted."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_fails_cleanly_and_leaves_nothing_half_written(small_disk, tmp_path, capsys):
+    args = ["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", *SMALL]
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    need = (ref / "synthetic.safetensors").stat().st_size
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - need // 2))          # room for the PNGs, not for synthetic.safetensors
+    out = small_disk / "run"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == [], left                                  # no PNG folder, no safetensors, no temporary file
+    filler.unlink()                                          # space freed: the same command now succeeds
+    assert main([*args, "--out", str(out)]) == 0
+    for name in ["synthetic.safetensors", *(str(p.relative_to(ref)) for p in (ref / "syn").rglob("*.png"))]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert oct((out / "synthetic.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
