@@ -301,6 +301,10 @@ def read_synthetic(syn_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, tor
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `nrrdd distill --out {syn_dir}` first")
     t, meta = load_safetensors(path)
+    bad = torch.nonzero(~torch.isfinite(t["images"]).flatten(1).all(1)).flatten()
+    if len(bad):
+        raise ValueError(f"{path}: {len(bad)} synthetic image(s) hold NaN/inf (images {bad[:10].tolist()}, classes "
+                         f"{sorted(set(t['labels'][bad].tolist()))[:10]}): rerun `nrrdd distill` for this set")
     return t["images"], t["labels"], t.get("masks"), meta
 
 

@@ -169,3 +169,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_synthetic_images_holding_nan_are_refused_with_image_and_class(tmp_path, capsys):
+    from nrrdd.io import atomic_save_safetensors, load_safetensors
+
+    syn = tmp_path / "syn"
+    assert main(["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", "--out", str(syn),
+                 *SMALL]) == 0
+    t, meta = load_safetensors(syn / "synthetic.safetensors")
+    t["images"][7, 0, 3, 3] = float("nan")                     # image 7: class 3 (2 per class, in class order)
+    atomic_save_safetensors(syn / "synthetic.safetensors", t, metadata=meta)
+    capsys.readouterr()
+    assert main(["evaluate", "--labels", "hard", "--out", str(syn), "--ipc", "2", "--epochs", "1", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf" in err and "images [7]" in err and "classes [3]" in err, err
