@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ns = parser.parse_args(argv)
     cfg = build_config(ns)
+    from .dist import env_world
+
+    if env_world() > 1 and ns.command in ("compare", "demo", "train-teacher", "check", "convert-fkd"):
+        print(f"nrrdd {ns.command}: error: runs in one process; under torchrun use distill, relabel, evaluate "
+              "or run", file=sys.stderr)
+        return 2
 
     from . import pipeline
 

@@ -182,15 +182,12 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
     position = torch.empty(int(order.max()) + 1, dtype=torch.long)
     position[order] = torch.arange(len(order))
     descending = method == "nrrdd" and keep == "high"
-    mine = order
-    if dist.active:         # whole batches of the one-process stream: each is scored exactly as it would be there
-        mine = torch.cat([order[k * batch_size:(k + 1) * batch_size]
-                          for k in dist.mine(-(-len(order) // batch_size))] or [order[:0]])
-    src = PatchSource(train, mine, normalizer, crop_size=s, boxes=boxes_fn, loader=loader, batch_size=batch_size,
-                      workers=workers, device=device)
+    # dist: batch k of the (screened) stream goes to rank k % world, holding exactly what it holds in one process
+    src = PatchSource(train, order, normalizer, crop_size=s, boxes=boxes_fn, loader=loader, batch_size=batch_size,
+                      workers=workers, device=device, dist=dist)
     kept = [_Kept(n_patch, descending) for _ in range(n_classes)]
     for batch in progress(src, desc=f"discover[{method}]", enable=show_progress and dist.is_main,
-                          total=-(-len(mine) // batch_size)):
+                          total=-(-len(order) // batch_size // dist.world)):
         if method == "random":
             best = torch.zeros(len(batch.index), dtype=torch.long)
             score = torch.full((len(batch.index),), float("nan"))
@@ -207,10 +204,10 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
             m = batch.label == c
             kept[c].add(key[m], score[m], batch.index[m], box[m], crop[m.to(crop.device)])
     skipped = src.skipped
-    if dist.active:
-        shards = dist.all_gather(([k.state() for k in kept], src.skipped))
+    if dist.active:         # screening results are on every rank already; decoding failures are per rank
+        shards = dist.all_gather(([k.state() for k in kept], src.skipped[len(src.screened_out):]))
         kept = [_Kept.merged(n_patch, descending, [sh[0][c] for sh in shards], position) for c in range(n_classes)]
-        skipped = [s for sh in shards for s in sh[1]]
+        skipped = src.screened_out + [s for sh in shards for s in sh[1]]
     base, _ = train.locate([])
     files = getattr(base, "samples", None)
     images, labels, sources = [], [], []

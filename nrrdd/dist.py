@@ -113,9 +113,10 @@ def setup(device: torch.device, timeout_min: float = 60.0) -> tuple[Dist, torch.
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+        timeout = datetime.timedelta(minutes=timeout_min)
+        tdist.init_process_group(backend, timeout=timeout)
         # Object collectives (pickled CPU tensors) go through gloo even when the model's gradients use NCCL.
-        _CPU_GROUP = tdist.new_group(backend="gloo") if backend == "nccl" else tdist.group.WORLD
+        _CPU_GROUP = tdist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else tdist.group.WORLD
     if rank != 0:
         warnings.filterwarnings("ignore", category=UserWarning)     # the same warnings as rank 0's, once is enough
     return Dist(rank, world, local), device

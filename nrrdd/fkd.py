@@ -5,8 +5,11 @@ SRe2L's relabelling (FKD with mixing) writes ``<fkd_path>/epoch_<e>/batch_<b>.ta
     [coords [B, 4] float   RandomResizedCrop box as fractions (top/H, left/W, height/H, width/W),
      flip [B] bool         horizontal flip per sample,
      mix_index [B] int64   CutMix/Mixup partner, a position inside the batch (None without mixing),
-     mix_lam float         the batch's mixing ratio (None without mixing),
-     mix_bbox [4]          CutMix box x1, y1, x2, y2 in pixels, numpy integers (None for Mixup / no mixing),
+     mix_lam float         the batch's Beta draw (None without mixing); for CutMix the pasted area follows
+                           from the box (clipped), not from this value,
+     mix_bbox [4]          CutMix box [r1, c1, r2, c2] in pixels, numpy integers: SRe2L pastes
+                           images[:, :, r1:r2, c1:c2] (its rand_bbox names them x/y but cuts rows
+                           first); None for Mixup / no mixing,
      soft_label [B, C]     the teacher's logits (float16 with --use-fp16)]
 
 for every batch of every epoch, the batches in the order of a ``RandomSampler`` seeded with ``--fkd-seed``.
@@ -37,7 +40,7 @@ class FKDBatch:
     flip: torch.Tensor                  # [B] bool
     mix_index: torch.Tensor | None      # [B] int64, positions inside the batch
     mix_lam: float | None
-    mix_bbox: list[int] | None          # x1, y1, x2, y2
+    mix_bbox: list[int] | None          # r1, c1, r2, c2: rows r1:r2, columns c1:c2
     soft_label: torch.Tensor            # [B, C]
 
 
@@ -139,30 +142,39 @@ def convert(root: str | Path, out: str | Path, fkd_seed: int | None = 42) -> dic
 
     Metadata: source folder, epochs, images, classes, fkd_seed. Returns a summary."""
     epochs = scan(root)
-    cols: dict[str, list] = {k: [] for k in ("soft_label", "coords", "flip", "mix_index", "mix_lam", "mix_bbox")}
+    E, nb = len(epochs), len(epochs[0])
+    tensors: dict[str, torch.Tensor] = {}
     sizes = None
     for e, files in enumerate(epochs):
-        batches = [read_batch(f) for f in files]
-        b_sizes = [len(b.soft_label) for b in batches]
-        if sizes is None:
-            sizes = b_sizes
-        elif b_sizes != sizes:
-            raise ValueError(f"{root}/epoch_{e}: batch sizes {b_sizes} differ from epoch 0's {sizes}")
-        starts = np.cumsum([0] + sizes[:-1])
-        cols["soft_label"].append(torch.cat([b.soft_label for b in batches]))
-        cols["coords"].append(torch.cat([b.coords for b in batches]))
-        cols["flip"].append(torch.cat([b.flip for b in batches]).to(torch.uint8))
-        mixed = [b.mix_index is not None for b in batches]
-        if any(mixed) and not all(mixed):
-            raise ValueError(f"{root}/epoch_{e}: some batches are mixed and some are not")
-        if all(mixed):
-            cols["mix_index"].append(torch.cat([b.mix_index + int(s) for b, s in zip(batches, starts)]))
-            cols["mix_lam"].append(torch.tensor([b.mix_lam for b in batches], dtype=torch.float64))
-            if all(b.mix_bbox is not None for b in batches):
-                cols["mix_bbox"].append(torch.tensor([b.mix_bbox for b in batches], dtype=torch.long))
-    tensors = {k: torch.stack(v) for k, v in cols.items() if v and len(v) == len(epochs)}
-    tensors["batch_start"] = torch.from_numpy(np.cumsum([0] + sizes[:-1]).astype(np.int64))
-    E, N, C = tensors["soft_label"].shape
+        for b, f in enumerate(files):                   # one batch in memory at a time, written into place
+            x = read_batch(f)
+            if e == 0 and b == 0:
+                mixed, boxed = x.mix_index is not None, x.mix_bbox is not None
+                sizes = [len(read_batch(g).soft_label) if g != f else len(x.soft_label) for g in files]
+                N, C = sum(sizes), x.soft_label.shape[1]
+                starts = [int(v) for v in np.cumsum([0] + sizes[:-1])]
+                tensors = {"soft_label": torch.empty(E, N, C, dtype=x.soft_label.dtype),
+                           "coords": torch.empty(E, N, 4), "flip": torch.empty(E, N, dtype=torch.uint8)}
+                if mixed:
+                    tensors["mix_index"] = torch.empty(E, N, dtype=torch.long)
+                    tensors["mix_lam"] = torch.empty(E, nb, dtype=torch.float64)
+                if boxed:
+                    tensors["mix_bbox"] = torch.empty(E, nb, 4, dtype=torch.long)
+            if len(x.soft_label) != sizes[b] or x.soft_label.shape[1] != C:
+                raise ValueError(f"{f}: {tuple(x.soft_label.shape)} soft labels, but batch {b} of epoch 0 holds "
+                                 f"{sizes[b]} x {C}")
+            if (x.mix_index is not None) != mixed or (x.mix_bbox is not None) != boxed:
+                raise ValueError(f"{f}: mixed differently from epoch 0's first batch (some batches mixed, some not)")
+            rows = slice(starts[b], starts[b] + sizes[b])
+            tensors["soft_label"][e, rows] = x.soft_label
+            tensors["coords"][e, rows] = x.coords
+            tensors["flip"][e, rows] = x.flip.to(torch.uint8)
+            if mixed:
+                tensors["mix_index"][e, rows] = x.mix_index + starts[b]
+                tensors["mix_lam"][e, b] = x.mix_lam
+            if boxed:
+                tensors["mix_bbox"][e, b] = torch.tensor(x.mix_bbox)
+    tensors["batch_start"] = torch.tensor(starts, dtype=torch.long)
     if fkd_seed is not None:
         tensors["image_index"] = sampler_order(N, E, fkd_seed)
     meta = {"source": str(Path(root).resolve()), "format": "SRe2L/FKD soft labels, rows in loader order",

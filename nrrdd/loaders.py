@@ -37,6 +37,7 @@ import torch
 from .augment import crop_resize, resize_boxes
 from .data import (FolderImageSet, ImageSet, Normalizer, center_geometry, check_image_file, decode_rgb,
                    image_header_size)
+from .dist import SINGLE, Dist
 
 LOADERS = ("auto", "dali", "torch")
 BoxFn = Callable[[int], np.ndarray]      # dataset index -> int64 [K, 4] boxes (top, left, h, w)
@@ -79,7 +80,8 @@ class PatchSource:
 
     def __init__(self, data: ImageSet, indices, normalizer: Normalizer, *, crop_size: int = 0,
                  boxes: BoxFn | None = None, loader: str = "auto", batch_size: int = 256, workers: int = 2,
-                 device: torch.device | str = "cpu", shard_id: int = 0, num_shards: int = 1):
+                 device: torch.device | str = "cpu", shard_id: int = 0, num_shards: int = 1,
+                 dist: Dist = SINGLE):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
         if (boxes is None) != (crop_size == 0):
@@ -90,7 +92,9 @@ class PatchSource:
         self.backend = resolve_loader(loader, data)
         self.batch_size, self.workers = batch_size, workers
         self.device = torch.device(device)
+        self.dist = dist
         self.skipped: list[tuple[str, str]] = []
+        self.screened_out: list[tuple[str, str]] = []
         base, base_idx = data.locate(self.indices)
         self._folder = base if isinstance(base, FolderImageSet) else None
         self._base_idx = base_idx
@@ -100,7 +104,7 @@ class PatchSource:
         if self._folder is None:
             yield from self._iter_memory()
             return
-        jobs = self._screen()
+        jobs = self._mine(self._screen())
         if self.backend == "dali":
             yield from _DaliRunner(self, jobs).batches()
         else:
@@ -112,23 +116,39 @@ class PatchSource:
             return np.zeros((0, 4), dtype=np.int64)
         return np.asarray(self.boxes(i), dtype=np.int64).reshape(-1, 4)
 
+    def _mine(self, items: list) -> list:
+        """With ``dist``: the batches (``batch_size`` items, cut from the whole list) this rank owns, batch ``k``
+        to rank ``k % world``, so every batch holds the same items as in one process."""
+        if not self.dist.active:
+            return items
+        bs = self.batch_size
+        return [x for k in self.dist.mine(-(-len(items) // bs)) for x in items[k * bs:(k + 1) * bs]]
+
     def _screen(self) -> list["_Job"]:
-        """Cheap per-file checks and the geometry each backend applies; bad files go to ``skipped``."""
+        """Cheap per-file checks and the geometry each backend applies; bad files go to ``skipped``. With
+        ``dist`` each rank checks every ``world``-th file and all ranks get every result."""
         f = self._folder
-        jobs = []
-        for i, bi in zip(self.indices.tolist(), self._base_idx.tolist()):
-            path, label = f.samples[bi]
+        indices, base_idx = self.indices.tolist(), self._base_idx.tolist()
+        checked = {}
+        for p in range(self.dist.rank, len(indices), self.dist.world):
+            path, label = f.samples[base_idx[p]]
             reason = check_image_file(path)
             if reason is None:
                 try:
                     h, w = image_header_size(path)
                 except Exception as e:  # noqa: BLE001
                     reason = f"unreadable image header: {e}"
-            if reason is not None:
-                self.skipped.append((path, reason))
-                continue
-            geom = center_geometry(h, w, f.resize, f.size)
-            jobs.append(_Job(i, path, label, geom, self._job_boxes(i)))
+            checked[p] = (path, reason) if reason is not None else _Job(
+                indices[p], path, label, center_geometry(h, w, f.resize, f.size), self._job_boxes(indices[p]))
+        if self.dist.active:
+            checked = {p: r for part in self.dist.all_gather(checked) for p, r in part.items()}
+        jobs = []
+        for p in range(len(indices)):
+            if isinstance(checked[p], _Job):
+                jobs.append(checked[p])
+            else:
+                self.screened_out.append(checked[p])
+        self.skipped += self.screened_out
         return jobs
 
     def _finish(self, index, label, image, crops, boxes) -> PatchBatch:
@@ -145,8 +165,9 @@ class PatchSource:
 
     # ---- torch: in-memory arrays --------------------------------------------------------------------
     def _iter_memory(self) -> Iterator[PatchBatch]:
-        for start in range(0, len(self.indices), self.batch_size):
-            idx = self.indices[start:start + self.batch_size]
+        indices = torch.as_tensor(self._mine(self.indices.tolist()), dtype=torch.long)
+        for start in range(0, len(indices), self.batch_size):
+            idx = indices[start:start + self.batch_size]
             x = self.data.load(idx)
             boxes = torch.from_numpy(np.stack([self._job_boxes(i) for i in idx.tolist()])) if self.crop_size else None
             yield self._finish(idx, self.data.labels[idx], x, None, boxes)

@@ -100,7 +100,7 @@ def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
 _RUNTIME_FIELDS = {"resume", "threads", "loader_workers", "out", "checkpoint_every", "compile", "eval_batch_size"}
 # Fields a synthetic set does not depend on (student stage, runtime): reuse and resume of a distillation ignore them.
 NOT_DISTILL = {"labels", "epochs", "batch_size", "lr", "weight_decay", "temperature", "cutmix_alpha", "alpha_dbr",
-               "dbr_distance", "dbr_temperature", "eval_batch_size", "student", "student_kwargs", "teacher",
+               "dbr_distance", "dbr_temperature", "eval_batch_size", "student", "student_kwargs", "sync_bn", "teacher",
                "teacher_epochs", "teacher_lr", "teacher_batch_size", "test_root", "test_limit", "device",
                "precision", "threads", "out"} | _RUNTIME_FIELDS
 
@@ -365,19 +365,21 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     teacher = load_teacher(ctx) if label_mode == "online" else None
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, len(sp.classes), sp.channels, sp.size, cfg.student_kwargs)
-    compiled = cfg.resolved_compile(ctx.device.type, images.shape[0])
+    sync_bn = cfg.resolved_sync_bn(ctx.device.type, ctx.dist.world)
+    # torch.compile of a DDP model with SyncBatchNorm has open PyTorch issues (pytorch#107372): only on request
+    compiled = cfg.resolved_compile(ctx.device.type, images.shape[0]) and (cfg.compile is True or not sync_bn)
     ckpt = TrainCheckpoint(Path(syn_dir) / f"checkpoint_{tag}.pt", _identity(ctx), cfg.checkpoint_every)
     if ckpt.path.exists() and not cfg.resume:
         raise FileExistsError(f"{ckpt.path} holds the state of an interrupted evaluation: pass --resume to "
                               "continue it (or remove the file to start over)")
     with _timed(ctx, "train"):
-        train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
+        student = train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
                       batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed, factor=ctx.factor,
                       teacher=teacher, stored=stored, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       temperature=cfg.temperature, cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr,
                       dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
                       precision=ctx.precision, compile=compiled, checkpoint=ckpt, show_progress=show_progress,
-                      dist=ctx.dist, sync_bn=cfg.resolved_sync_bn(ctx.device.type, ctx.dist.world))
+                      dist=ctx.dist, sync_bn=sync_bn)
     with _timed(ctx, "evaluate"):
         skipped: list = []
         test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))

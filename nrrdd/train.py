@@ -217,6 +217,9 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                                      f"(label mode {mode}): check the synthetic images and stored labels")
         if checkpoint is not None and dist.is_main and ((e + 1) % checkpoint.every == 0 and e + 1 < epochs):
             checkpoint.save(e + 1, student, opt, sched)
+    if dist.active:         # BatchNorm running statistics saw each rank's part only: keep rank 0's everywhere,
+        for b in student.buffers():                    # so every rank evaluates the model rank 0 saves
+            tdist.broadcast(b, 0)
     return student.eval()
 
 

@@ -92,12 +92,20 @@ def test_two_processes_on_an_image_folder_with_dali(tmp_path):
     assert main(["train-teacher", "--out", str(tmp_path / "t"), "--teacher-epochs", "2", "--threads", "1",
                  "--loader", "torch", *data[:-4]]) == 0
     teacher = tmp_path / "t" / "teacher.pt"
-    runs = {}
+    # Unreadable candidates (added after the teacher, which stops at an undecodable file) are screened out; the
+    # later batches must still hold the same images in 1 and 2 processes.
+    for c, i in [(0, 3), (0, 7), (4, 1), (4, 9), (8, 5)]:
+        f = train / f"{c:05d}" / f"{i:05d}.png"
+        f.write_bytes(f.read_bytes()[:200] if i % 2 else b"")
+    runs, skipped = {}, {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
         report = nrrdd(n, *_distill_args(teacher, out, "--mipc", "20", "--ipc", "2", "--epochs", "10", *data))
         runs[n] = outputs(out), report["evaluate"]
-        assert json.loads((out / "manifest_distill.json").read_text())["loader"] == "dali"
+        manifest = json.loads((out / "manifest_distill.json").read_text())
+        assert manifest["loader"] == "dali"
+        skipped[n] = sorted(f["file"] for f in manifest["skipped_files"])
+    assert skipped[1] == skipped[2] and len(skipped[1]) >= 2, skipped     # the ones drawn as candidates
     (files1, eval1), (files2, eval2) = runs[1], runs[2]
     assert len(files1) == 20 + 2 and [name for name in files1 if files1[name] != files2.get(name)] == []
     # No accuracy comparison here: 20 images, 200 test images; seeds 0 and 1 in one process measured 34.5 and
@@ -106,7 +114,7 @@ def test_two_processes_on_an_image_folder_with_dali(tmp_path):
 
 
 # --- data-parallel training, step for step --------------------------------------------------------------------
-def _train_worker(rank: int, world: int, init: str, mode: str, result: str) -> None:
+def _train_worker(rank: int, world: int, init: str, mode: str, result: str, norm: str = "instance") -> None:
     import torch.distributed as tdist
 
     from nrrdd.dist import Dist
@@ -121,9 +129,16 @@ def _train_worker(rank: int, world: int, init: str, mode: str, result: str) -> N
     images, labels = torch.randn(24, 1, 28, 28, generator=g), torch.arange(24) % 4
     stored = torch.rand(3, 24, 2, generator=g).half() + 0.5
     torch.manual_seed(0)
-    model = ConvNet(4, depth=2, width=16, channels=1, im_size=28, norm="instance")
+    model = ConvNet(4, depth=2, width=16, channels=1, im_size=28, norm=norm)
     train_student(model, images, labels, mode=mode, epochs=3, batch_size=8, seed=0, factor=1, stored=stored,
                   show_progress=False, dist=dist)
+    if world > 1:                   # every rank ends with the same model, BatchNorm statistics included
+        states = [None] * world
+        tdist.all_gather_object(states, model.state_dict())
+        for k, v in states[0].items():
+            assert all(torch.equal(v, st[k]) for st in states[1:]), f"{k} differs between ranks"
+        if norm == "batch":
+            return
     if rank == 0:
         with torch.no_grad():
             torch.save({"weights": model.state_dict(), "logits": model(images)}, result)
@@ -153,6 +168,24 @@ def test_data_parallel_training_follows_one_process(tmp_path, mode):
 
     init = ConvNet(4, depth=2, width=16, channels=1, im_size=28, norm="instance").state_dict()
     assert (a["classifier.weight"] - init["classifier.weight"]).abs().max() > 1e-3
+
+
+def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
+    """With BatchNorm on the CPU each rank normalises its part of the batch; the running statistics are then
+    rank 0's on every rank, so the sharded evaluation scores one model (the one rank 0 saves)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_train_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", "hard", str(tmp_path / "x.pt"), "batch"),
+             nprocs=2)
+
+
+def test_one_process_commands_are_refused_under_torchrun(monkeypatch, capsys):
+    from nrrdd.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["compare", "--teacher", "t.pt"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
 
 
 def test_batches_too_small_to_split_are_refused():
