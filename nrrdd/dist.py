@@ -10,10 +10,9 @@ whatever the number of processes, and piece ``k`` goes to rank ``k % world``. Th
 
 A piece's inputs and random draws depend on (seed, piece) only, never on the rank, and a piece is always
 computed as the same batch, so its floating-point result is the same bit for bit (given the same hardware,
-precision and threads per process). One exception: a candidate file skipped as unreadable shortens its
-discovery batch in one process but shifts the later batches there, so batch composition (and, on hardware
-whose kernels depend on the batch size, the last bits of some scores) can differ; the selection then only
-changes where two crops' scores tie to the last bit. Results meet through collectives on CPU tensors (a gloo group, also
+precision and threads per process). Candidate files are screened (shared out, results all-gathered) before
+discovery's batches are cut, so an unreadable file leaves out the same slot in 1 and N processes; a file that
+passes screening but fails to decode is dropped from its own batch only. Results meet through collectives on CPU tensors (a gloo group, also
 under NCCL) or, for refinement, through the run's resume pieces on the shared output folder. Only rank 0
 writes outputs; every stage ends with a barrier, so the next stage reads complete files.
 
