@@ -12,9 +12,10 @@ A piece's inputs and random draws depend on (seed, piece) only, never on the ran
 computed as the same batch, so its floating-point result is the same bit for bit (given the same hardware,
 precision and threads per process). Candidate files are screened (shared out, results all-gathered) before
 discovery's batches are cut, so an unreadable file leaves out the same slot in 1 and N processes; a file that
-passes screening but fails to decode is dropped from its own batch only. Results meet through collectives on CPU tensors (a gloo group, also
-under NCCL) or, for refinement, through the run's resume pieces on the shared output folder. Only rank 0
-writes outputs; every stage ends with a barrier, so the next stage reads complete files.
+passes screening but fails to decode is dropped from its own batch only. Results meet through collectives
+on CPU tensors (a gloo group, also under NCCL) or, for refinement, through the run's resume pieces on the
+shared output folder. Only rank 0 writes outputs; every stage ends with a barrier, so the next stage reads
+complete files.
 
 Student training is data parallel (DistributedDataParallel): each step's global batch (the same samples
 as in one process) is split across ranks and gradients are averaged, so it follows the one-process run
