@@ -220,21 +220,26 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                              f"({'discovery and ' if cfg.method == 'nrrdd' else ''}refinement mask): {e}. "
                              "Use a convolutional teacher, or --method rded / sre2l (no CAM)") from e
     ensure_writable(out)                            # checks done; before the work
-    with _timed(ctx, "discover"):
-        d = discover(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
-                     num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
-                     cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
-                     precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
-                     workers=cfg.loader_workers, dist=ctx.dist)
+    refined = cfg.resolved_refine()
+    found = DiscoveryStore(out / "discover.parts", _identity(ctx, NOT_DISTILL))
+    if (found.exists() or ChunkStore(out / "refine.parts", {}).exists()) and not cfg.resume:
+        raise FileExistsError(f"{out} holds the pieces of an interrupted distillation (discover.parts, "
+                              "refine.parts): pass --resume to continue it (or remove them to start over)")
+    ctx.dist.barrier()                              # every rank has looked for leftovers before any is written
+    d = found.load() if cfg.resume else None
+    if d is None:
+        with _timed(ctx, "discover"):
+            d = discover(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
+                         num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
+                         cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
+                         precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
+                         workers=cfg.loader_workers, dist=ctx.dist)
+        if refined and ctx.dist.is_main:            # a resumed run starts from here, not from discovery
+            found.save(d)
     images = sp.normalizer(d.images)
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
-    refined = cfg.resolved_refine()
     parts = ChunkStore(out / "refine.parts",
                        _identity(ctx, NOT_DISTILL, discovered=tensor_sha256(images, d.labels)))
-    if refined and parts.exists() and not cfg.resume:
-        raise FileExistsError(f"{parts.folder} holds the refined batches of an interrupted distillation: pass "
-                              "--resume to continue it (or remove the folder to start over)")
-    ctx.dist.barrier()                              # every rank has looked for leftovers before any is written
     if refined:
         with _timed(ctx, "refine"):
             r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
@@ -252,7 +257,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
         return _follower_done(ctx, {"out": str(out), "n_images": int(images.shape[0])})
     with _timed(ctx, "write"):
         write_synthetic(out, images, d.labels, masks, sp)
-    parts.remove()                                  # the synthetic set is written: its refined batches are spent
+    parts.remove()                                  # the synthetic set is written: its pieces are spent
+    found.remove()
     cfg.save(out / "config.json")
     write_manifest(out, stage="distill", config=cfg.to_dict(), **_provenance(ctx),
                    synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
@@ -260,6 +266,35 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                    sources=d.sources)
     ctx.dist.barrier()                              # the other ranks wait for the files
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
+
+
+class DiscoveryStore:
+    """Stage 1's result kept for a resumed distillation: ``discovered.safetensors`` (images, labels; carrying
+    the run's identity) and ``discovered.json`` (per-patch sources, skipped files), the JSON written first, so
+    the safetensors file's presence means both are complete."""
+
+    def __init__(self, folder: Path, identity: dict):
+        self.store = ChunkStore(folder, identity)
+
+    def exists(self) -> bool:
+        return self.store.exists()
+
+    def save(self, d) -> None:
+        atomic_write_json(self.store.folder / "discovered.json",
+                          {"sources": d.sources, "skipped": d.skipped, "loader": d.loader})
+        self.store.save("discovered", {"images": d.images, "labels": d.labels})
+
+    def load(self):
+        from .discover import Discovery
+
+        got = self.store.load("discovered")
+        if got is None:
+            return None
+        facts = json.loads((self.store.folder / "discovered.json").read_text())
+        return Discovery(got[0]["images"], got[0]["labels"], facts["sources"], facts["skipped"], facts["loader"])
+
+    def remove(self) -> None:
+        self.store.remove()
 
 
 def _follower_done(ctx: Context, result: dict) -> dict:

@@ -98,7 +98,7 @@ def test_killed_relabelling_resumes_to_byte_identical_labels(tmp_path):
     assert not parts.exists()
 
 
-def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
+def test_killed_distillation_resumes_after_discovery_at_its_refinement_batch(tmp_path):
     import torch
 
     from nrrdd.models import build_model
@@ -115,9 +115,14 @@ def test_killed_distillation_resumes_at_its_refinement_batch(tmp_path):
     assert not (syn / "synthetic.safetensors").exists()
     assert main(args(syn)) == 2                                   # leftover batches: refused without --resume
     assert main(args(syn, "--nrr-eps", "0.3", "--resume")) == 2   # other settings: refused
+    assert (syn / "discover.parts" / "discovered.safetensors").exists()
     assert main(args(syn, "--resume")) == 0
     assert (syn / "synthetic.safetensors").read_bytes() == (tmp_path / "ref" / "synthetic.safetensors").read_bytes()
-    assert not parts.exists()
+    assert not parts.exists() and not (syn / "discover.parts").exists()
+    manifest = json.loads((syn / "manifest_distill.json").read_text())
+    assert "discover" not in manifest["timings"]                  # resumed after discovery, not rerun
+    ref_manifest = json.loads((tmp_path / "ref" / "manifest_distill.json").read_text())
+    assert manifest["sources"] == ref_manifest["sources"]
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
