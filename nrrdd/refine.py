@@ -179,7 +179,9 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
     opt = MaskedAdam([x], mask=mask, lr=lr, betas=tuple(betas), eps=adam_eps,
                      bounds=(lo.to(x.device), hi.to(x.device)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_lr(t, iterations))
-    loss_v = float("nan")
+    loss = torch.full((), float("nan"))
+    # the first non-finite step, kept on the device and read every CHECK_EVERY steps: no host sync per step
+    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
     for it in range(iterations):
         if mask_every and it and it % mask_every == 0:
             mask = mask_of(x)
@@ -195,12 +197,21 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
         with autocast(x.device, precision):
             logits = teacher(xin)
         loss = F.cross_entropy(logits.float(), y) + a_bn * bn_loss.pop()
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"refinement loss is {loss.item()} at step {it} (classes {sorted(set(y.tolist()))})")
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), it, first_bad)
+        if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
+            _check(first_bad, y)
         loss.backward()
         opt.step()
         sched.step()
-        loss_v = float(loss.detach())
     if not torch.isfinite(x).all():
         raise NonFiniteError(f"refined images hold NaN/inf (classes {sorted(set(y.tolist()))})")
-    return x.detach(), mask, loss_v
+    return x.detach(), mask, float(loss.detach())
+
+
+CHECK_EVERY = 50
+
+
+def _check(first_bad: torch.Tensor, y: torch.Tensor) -> None:
+    if int(first_bad) >= 0:
+        raise NonFiniteError(f"refinement loss became NaN/inf at step {int(first_bad)} "
+                             f"(classes {sorted(set(y.tolist()))})")
