@@ -240,3 +240,17 @@ def test_killed_in_two_processes_resumes_in_one_and_back(fmnist_teacher, tmp_pat
     got, want = outputs(run), outputs(ref)
     assert set(got) == set(want) and [k for k in want if got[k] != want[k]] == []
     assert not (run / "refine.parts").exists() and not (run / "labels_dbr.parts").exists()
+
+
+@needs_fmnist
+def test_a_process_with_no_batch_of_its_own(fmnist_teacher, tmp_path):
+    """One discovery batch and one refinement batch for two processes: rank 1 has none and must still take
+    part in every collective (and in the student's split batches)."""
+    files = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        nrrdd(n, "run", "--teacher", str(fmnist_teacher), "--out", str(out), "--ipc", "1", "--mipc", "10",
+              "--discover-batch-size", "512", "--nrr-iterations", "3", "--refine-batch-size", "100", "--epochs", "3",
+              "--batch-size", "10", "--labels", "soft", "--threads", "1", *FMNIST_SMALL)
+        files[n] = outputs(out)
+    assert len(files[1]) == 10 + 2 and files[1] == files[2]
