@@ -34,3 +34,12 @@ def test_stage_benchmark_label_storage_rows(tmp_path):
     per = {(r["provider"], r["shape"]): float(r["median"]) for r in rows if r["metric"] == "per_sample_epoch"}
     # fp16 storage: soft = 2 bytes x C, DBR = 2 x 2 bytes, measured from the written files
     assert per[("soft", "C1000 E2 N40")] == 2000 and per[("dbr", "C1000 E2 N40")] == 4
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST not installed")
+def test_dist_benchmark_runs_one_and_two_processes(tmp_path):
+    rows = _run(["benchmarks.bench_dist", "--quick"], tmp_path / "d.csv")
+    got = {(r["name"], r["provider"], r["metric"]) for r in rows}
+    assert ("dist_refine", "1proc", "throughput") in got and ("dist_refine", "2proc", "speedup") in got
+    assert all(float(r["median"]) > 0 for r in rows)
