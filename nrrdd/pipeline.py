@@ -237,6 +237,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
         if refined and ctx.dist.is_main:            # a resumed run starts from here, not from discovery
             found.save(d)
     images = sp.normalizer(d.images)
+    d.images = None                                 # one copy of the set in memory, not two
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
     parts = ChunkStore(out / "refine.parts",
                        _identity(ctx, NOT_DISTILL, discovered=tensor_sha256(images, d.labels)))

@@ -112,16 +112,19 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
                 continue
             done = parts.load(name) if parts is not None else None
             if done is not None:
-                out.append((idx, done[0]["images"], done[0]["masks"]))
+                if dist.is_main:
+                    out.append((idx, done[0]["images"], done[0]["masks"]))
                 last = float(done[1]["loss"])
                 continue
             views = _input_views(iterations, jitter, flip, seed, start // batch_size)
             x, m, last = _refine_batch(teacher, bn_loss, images[idx].to(device), labels[idx].to(device), lo, hi,
                                        iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked, cam,
                                        precision, views)
-            out.append((idx, x.cpu(), m.cpu()))
+            x, m = x.cpu(), m.cpu()
             if parts is not None:
-                parts.save(name, {"images": out[-1][1], "masks": out[-1][2]}, loss=repr(last))
+                parts.save(name, {"images": x, "masks": m}, loss=repr(last))
+            if dist.is_main:                        # the other ranks' batches reach rank 0 through parts
+                out.append((idx, x, m))
     finally:
         bn_loss.remove()
     if dist.active:
