@@ -143,14 +143,15 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     sp = ctx.splits
     torch.manual_seed(cfg.seed)                     # the initial weights: the same teacher from the same command
     model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
+    skipped: list = []
     with _timed(ctx, "train"):
         train_teacher(model, sp.train, sp.normalizer, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
                       batch_size=cfg.teacher_batch_size, seed=cfg.seed, flip=cfg.dataset != "mnist",
-                      device=ctx.device, precision=ctx.precision, show_progress=show_progress)
+                      device=ctx.device, precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
+                      workers=cfg.loader_workers, skipped=skipped)
     with _timed(ctx, "evaluate"):
-        skipped: list = []
         test = evaluate(model, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
-        val = evaluate(model, sp.val, sp.normalizer, **_eval_kw(ctx, skipped))
+        val = evaluate(model, sp.val, sp.normalizer, **_eval_kw(ctx, skipped)) if len(sp.val) else None
     atomic_torch_save(ckpt, {"model": {k: v.cpu() for k, v in model.state_dict().items()}})
     meta = {"arch": cfg.arch, "arch_kwargs": parse_model_kwargs(cfg.arch_kwargs), "dataset": cfg.dataset,
             "classes": sp.classes, "channels": sp.channels, "input_size": sp.size, "test_top1": test, "val_top1": val,
@@ -419,7 +420,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     with _timed(ctx, "evaluate"):
         skipped: list = []
         test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
-        val = evaluate(student, sp.val, sp.normalizer, **_eval_kw(ctx, skipped))
+        val = evaluate(student, sp.val, sp.normalizer, **_eval_kw(ctx, skipped)) if len(sp.val) else None
     if not ctx.dist.is_main:
         return _follower_done(ctx, {"labels": label_mode, "test_top1": test, "val_top1": val})
     result = {"labels": label_mode, "student": cfg.student, "seed": cfg.seed, "test_top1": test, "val_top1": val,

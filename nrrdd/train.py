@@ -67,24 +67,33 @@ def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_
 
 def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, epochs: int, lr: float,
                   batch_size: int, seed: int, flip: bool = True, device="cpu", precision: str = "fp32",
-                  show_progress: bool = True) -> nn.Module:
-    """SGD (momentum 0.9, nesterov, wd 5e-4), cosine lr, random 2-px shifts and horizontal flips."""
+                  show_progress: bool = True, loader: str = "torch", workers: int = 2,
+                  skipped: list | None = None) -> nn.Module:
+    """SGD (momentum 0.9, nesterov, wd 5e-4), cosine lr, random 2-px shifts and horizontal flips.
+
+    Images are read through :class:`~nrrdd.loaders.PatchSource` (``loader``: DALI or torch with ``workers``
+    decoding processes, for image folders): files that cannot be decoded are left out and appended to
+    ``skipped`` as (path, reason), once each."""
+    from .loaders import PatchSource
+
     model.to(device).train()
     opt = torch.optim.SGD(_param_groups(model, 5e-4), lr=lr, momentum=0.9, nesterov=True)
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
     g = torch.Generator().manual_seed(seed)
+    bad: dict[str, str] = {}
     for e in range(epochs):
         perm = torch.randperm(len(train), generator=g)
-        bar = progress(range(0, len(train), batch_size), desc=f"teacher epoch {e + 1}/{epochs}", enable=show_progress)
-        for start in bar:
-            idx = perm[start:start + batch_size]
-            x = normalizer(train.load(idx))
+        src = PatchSource(train, perm, normalizer, loader=loader, batch_size=batch_size, workers=workers)
+        bar = progress(src, desc=f"teacher epoch {e + 1}/{epochs}", enable=show_progress,
+                       total=math.ceil(len(train) / batch_size))
+        for b in bar:
+            x, y = b.image, b.label
             x = _shift(x, 2, g)
             if flip:
                 f = torch.rand(len(x), generator=g) < 0.5
                 x = torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
-            x, y = x.to(device), train.labels[idx].to(device)
+            x, y = x.to(device), y.to(device)
             with autocast(device, precision):
                 loss = F.cross_entropy(model(x).float(), y)
             if not torch.isfinite(loss):
@@ -94,6 +103,11 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, 
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bad.update((path, reason) for path, reason in src.skipped if path not in bad)
+        if len(bad) == len(train):
+            raise ValueError(f"none of the {len(train)} training images could be decoded: {list(bad.items())[:3]}")
+    if skipped is not None:
+        skipped += list(bad.items())
     return model.eval()
 
 

@@ -92,8 +92,8 @@ def test_two_processes_on_an_image_folder_with_dali(tmp_path):
     assert main(["train-teacher", "--out", str(tmp_path / "t"), "--teacher-epochs", "2", "--threads", "1",
                  "--loader", "torch", *data[:-4]]) == 0
     teacher = tmp_path / "t" / "teacher.pt"
-    # Unreadable candidates (added after the teacher, which stops at an undecodable file) are screened out; the
-    # later batches must still hold the same images in 1 and 2 processes.
+    # Unreadable candidates are screened out; the later batches must still hold the same images in 1 and 2
+    # processes.
     for c, i in [(0, 3), (0, 7), (4, 1), (4, 9), (8, 5)]:
         f = train / f"{c:05d}" / f"{i:05d}.png"
         f.write_bytes(f.read_bytes()[:200] if i % 2 else b"")

@@ -259,3 +259,20 @@ def test_undecodable_files_anywhere_in_the_stream_are_skipped_once(tmp_path, bac
     assert sorted(Path(p).name for p, _ in src.skipped) == bad_names
     names = [Path(data.samples[i][0]).name for i in out["index"].tolist()]
     assert names == [f"{2 * k + 1:02d}.jpg" for k in range(7)]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_teacher_training_skips_undecodable_files_and_lists_them(tmp_path, backend):
+    train = fmnist_png_folder(tmp_path / "train", per_class=20)
+    test = fmnist_png_folder(tmp_path / "test", per_class=5, split="test")
+    (train / "00002" / "00004.png").write_bytes(b"")                                       # empty
+    (train / "00007" / "00011.png").write_bytes((train / "00007" / "00012.png").read_bytes()[:150])  # truncated
+    out = tmp_path / "t"
+    assert main(["train-teacher", "--out", str(out), "--teacher-epochs", "2", "--dataset", "imagefolder",
+                 "--data-root", str(train), "--test-root", str(test), "--input-size", "28", "--val-per-class", "0",
+                 "--threads", "2", "--loader", backend, "--loader-workers", "1"]) == 0
+    skipped = json.loads((out / "manifest_train_teacher.json").read_text())["skipped_files"]
+    assert sorted(Path(s["file"]).relative_to(train).as_posix() for s in skipped) == ["00002/00004.png",
+                                                                                    "00007/00011.png"]
+    assert json.loads((out / "teacher.json").read_text())["test_top1"] > 10
