@@ -10,7 +10,8 @@ own GPU (N <= the GPUs of the machine).
 
 Rows (CSV format of every nrrdd benchmark, appended to ``--out``): ``dist_<stage>`` with provider
 ``<N>proc`` and metric ``throughput`` (discover images/s, refine image-steps/s, relabel and student
-samples/s, evaluate images/s), and metric ``speedup`` (x, against 1 process) for N > 1. Work is shared out
+samples/s, evaluate images/s), and metric ``speedup`` (x, against 1 process) for N > 1; ``dist_run``
+``peak_rss`` (MiB): the peak resident memory of all the run's processes together (sampled every 10 ms). Work is shared out
 by batch: a stage with fewer batches than processes leaves processes idle (the refinement batch is 25 here,
 so 100 images make 4 batches).
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Recorder, quantiles
+from benchmarks.common import PeakMemory, Recorder, quantiles
 
 SIZES = {  # (full, quick)
     "ipc": (10, 2), "mipc": (100, 20), "iterations": (30, 3), "epochs": (20, 3), "train_limit": (10000, 3000),
@@ -68,10 +69,12 @@ def run_once(n: int, size: dict, teacher: Path, out: Path, threads: int, device:
     launch = [sys.executable, "-m", "nrrdd"] if n == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "nrrdd"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // n)), "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(launch + args, env=env, capture_output=True, text=True)
+    with PeakMemory() as mem:
+        base = mem.peak                             # this process alone
+        r = subprocess.run(launch + args, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{n} processes: nrrdd run failed:\n{r.stderr[-3000:]}")
-    return stage_rates(out, size)
+    return {**stage_rates(out, size), "peak_rss": (mem.peak - base) / 2**20}
 
 
 def main(argv=None) -> int:
@@ -119,6 +122,10 @@ def main(argv=None) -> int:
                 rec.add(f"dist_{stage}", f"{n}proc", shape, "speedup", "x", *quantiles(ratios))
         print(f"{stage:<10}{unit:<15}" + "".join(f"{med[n]:>12.1f}" for n in procs)
               + "".join(f"{med[n] / med[1]:>8.2f}" for n in procs if n > 1))
+    for n in procs:                     # all processes of the run together (torchrun's agent included)
+        rec.add("dist_run", f"{n}proc", shape, "peak_rss", "MiB", *quantiles(rates[n]["peak_rss"]))
+    print(f"{'peak RSS':<10}{'MiB, all procs':<15}" + "".join(f"{quantiles(rates[n]['peak_rss'])[0]:>12.0f}"
+                                                            for n in procs))
     rec.write_csv(Path(args.out))
     print(f"{len(rec.rows)} rows -> {args.out} ({time.perf_counter() - t0:.0f} s; {device}, {args.threads} threads "
           f"in all)")
