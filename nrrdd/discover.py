@@ -10,7 +10,8 @@
   stage 2 then synthesises them (unmasked, with jitter and flip).
 
 Candidates stream through in batches (decoded by DALI or torch, see :mod:`nrrdd.loaders`) and each class
-keeps only its ``ipc * factor**2`` best crops so far, so memory stays flat as ``mipc`` grows.
+keeps only the keys and boxes of its ``ipc * factor**2`` best crops so far, so memory stays flat as ``mipc``
+grows; :func:`assemble` then cuts the chosen crops again from their images and stitches them.
 """
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ from .runtime import autocast, progress
 
 @dataclass
 class Discovery:
-    images: torch.Tensor            # [n_classes * ipc, C, S, S] float32 pixel values in [0, 1]
+    images: torch.Tensor | None     # [n_classes * ipc, C, S, S] pixel values in [0, 1] (None from select())
     labels: torch.Tensor            # [n_classes * ipc] int64
     sources: list[dict] = field(default_factory=list)  # per patch: class, image index, box, score
     skipped: list[dict] = field(default_factory=list)  # candidate files that could not be used, with the reason
     loader: str = "torch"                               # the backend that decoded the candidates
+    rows: torch.Tensor | None = None                    # the images written (assemble(rows=...)); None: all
 
 
 def candidate_boxes(seed: int, image_index: int, num_crop: int, size: int, scale) -> np.ndarray:
@@ -95,27 +97,25 @@ def score_candidates(method: str, teacher: nn.Module, image: torch.Tensor, crops
 
 
 class _Kept:
-    """The ``n`` best candidates of one class seen so far (stable: ties keep candidate order).
-
-    Memory is ``n`` crops whatever ``mipc`` is."""
+    """The ``n`` best candidates of one class seen so far (stable: ties keep candidate order): their keys,
+    scores, image indices and boxes only, whatever ``mipc`` is (the pixels are cut again by :func:`assemble`)."""
 
     def __init__(self, n: int, descending: bool):
         self.n, self.descending = n, descending
-        self.key = self.score = self.index = self.box = self.crop = None
+        self.key = self.score = self.index = self.box = None
 
-    def add(self, key, score, index, box, crop) -> None:
+    def add(self, key, score, index, box) -> None:
         if self.key is not None:
-            key, score, index, box, crop = (torch.cat([a, b]) for a, b in zip(
-                (self.key, self.score, self.index, self.box, self.crop), (key, score, index, box, crop)))
+            key, score, index, box = (torch.cat([a, b]) for a, b in zip(
+                (self.key, self.score, self.index, self.box), (key, score, index, box)))
         order = torch.sort(key, descending=self.descending, stable=True).indices[:self.n]
         self.key, self.score, self.index, self.box = key[order], score[order], index[order], box[order]
-        self.crop = crop[order.to(crop.device)]
 
     def __len__(self) -> int:
         return 0 if self.key is None else len(self.key)
 
     def state(self):
-        return None if self.key is None else (self.key, self.score, self.index, self.box, self.crop.cpu())
+        return None if self.key is None else (self.key, self.score, self.index, self.box)
 
     @classmethod
     def merged(cls, n: int, descending: bool, states: list, position: torch.Tensor) -> "_Kept":
@@ -123,9 +123,9 @@ class _Kept:
         k = cls(n, descending)
         states = [s for s in states if s is not None]
         if states:
-            key, score, index, box, crop = (torch.cat(parts) for parts in zip(*states))
+            key, score, index, box = (torch.cat(parts) for parts in zip(*states))
             first = torch.argsort(position[index])          # candidate order, then a stable sort by key
-            k.add(key[first], score[first], index[first], box[first], crop[first])
+            k.add(key[first], score[first], index[first], box[first])
         return k
 
 
@@ -147,13 +147,29 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
              mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
              keep: str = "low", batch_size: int = 256, device: torch.device | str = "cpu",
              precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2,
-             dist: Dist = SINGLE) -> Discovery:
-    """Run stage 1 for every class; returns stitched images in pixel units (see :class:`Discovery`).
+             dist: Dist = SINGLE, rows: torch.Tensor | None = None) -> Discovery:
+    """Run stage 1 for every class: :func:`select`, then :func:`assemble` (``rows``: only those images)."""
+    d = select(method, teacher, train, normalizer, ipc=ipc, mipc=mipc, num_crop=num_crop, factor=factor, seed=seed,
+               crop_scale=crop_scale, cam=cam, keep=keep, batch_size=batch_size, device=device, precision=precision,
+               show_progress=show_progress, loader=loader, workers=workers, dist=dist)
+    return assemble(d, train, normalizer, factor=factor, rows=rows, batch_size=batch_size, device=device,
+                    loader=loader, workers=workers)
+
+
+def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
+           mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
+           keep: str = "low", batch_size: int = 256, device: torch.device | str = "cpu",
+           precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2,
+           dist: Dist = SINGLE) -> Discovery:
+    """Stage 1's choice for every class: which crop of which image goes into which slot (``sources``), without
+    the pixels (``images`` is None; :func:`assemble` cuts them). For ``sre2l``: the noise images themselves.
 
     All candidates of all classes stream through one :class:`~nrrdd.loaders.PatchSource` (class after
-    class), so image decoding runs ahead of the teacher; ``loader`` picks its backend (DALI or torch).
-    Several processes (``dist``): batch ``k`` of that stream is scored by rank ``k % world`` as the same
-    batch as in one process; the ranks' kept candidates are then merged, and every rank returns the result.
+    class), so image decoding runs ahead of the teacher; ``loader`` picks its backend (DALI or torch). Each
+    class keeps only the keys, image indices and boxes of its best crops, so memory does not grow with
+    ``mipc`` or with the crops' size. Several processes (``dist``): batch ``k`` of that stream is scored by rank
+    ``k % world`` as the same batch as in one process; the ranks' kept candidates (numbers, no pixels) are
+    merged, and every rank returns the same selection.
     """
     if method == "sre2l":
         return noise_init(len(train.classes), ipc, train.channels, train.size, seed, normalizer)
@@ -197,12 +213,10 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
                                            cam, precision)
             best, score = best.cpu(), score.float().cpu()
             key = score
-        rows = torch.arange(len(batch.index))
-        box = batch.boxes[rows, best]
-        crop = batch.crops[rows.to(batch.crops.device), best.to(batch.crops.device)]
+        box = batch.boxes[torch.arange(len(batch.index)), best]
         for c in batch.label.unique().tolist():
             m = batch.label == c
-            kept[c].add(key[m], score[m], batch.index[m], box[m], crop[m.to(crop.device)])
+            kept[c].add(key[m], score[m], batch.index[m], box[m])
     skipped = src.skipped
     if dist.active:         # screening results are on every rank already; decoding failures are per rank
         shards = dist.all_gather(([k.state() for k in kept], src.skipped[len(src.screened_out):]))
@@ -210,15 +224,12 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
         skipped = src.screened_out + [s for sh in shards for s in sh[1]]
     base, _ = train.locate([])
     files = getattr(base, "samples", None)
-    images, labels, sources = [], [], []
+    sources = []
     for c, k in enumerate(kept):
         if len(k) < n_patch:
             bad = [f"{p}: {r}" for p, r in skipped][:5]
             raise ValueError(f"class {c} ({train.classes[c]!r}) has only {len(k)} usable candidate images but "
                              f"{n_patch} patches are needed; files skipped: {bad}")
-        patches = normalizer.inverse(k.crop).cpu()                          # pixel units, [n_patch, C, s, s]
-        images.append(stitch(patches, factor, S).clamp_(0, 1))
-        labels.append(torch.full((ipc,), c, dtype=torch.long))
         base_idx = train.locate(k.index)[1].tolist()
         for j in range(n_patch):
             src_j = {"class": c, "image": int(k.index[j]), "box": k.box[j].tolist(), "score": float(k.score[j]),
@@ -226,5 +237,52 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
             if files is not None:
                 src_j["file"] = files[base_idx[j]][0]
             sources.append(src_j)
-    return Discovery(torch.cat(images), torch.cat(labels), sources,
+    return Discovery(None, torch.arange(n_classes).repeat_interleave(ipc), sources,
                      skipped=[{"file": p, "reason": r} for p, r in skipped], loader=src.backend)
+
+
+def assemble(d: Discovery, train: ImageSet, normalizer: Normalizer, *, factor: int, rows: torch.Tensor | None = None,
+             batch_size: int = 256, device: torch.device | str = "cpu", loader: str = "auto",
+             workers: int = 2) -> Discovery:
+    """The pixels of a selection: each kept crop cut again from its image (the same decoding, box and resize
+    as while scoring, so the same bits) and stitched, RDED's layout, in pixel units.
+
+    ``rows``: only these images (a process refines only its batches); the others stay unwritten (``torch.empty``:
+    no memory is touched for them) and ``d.rows`` says which are valid. None: all."""
+    if d.images is not None:                        # sre2l: the noise is the selection
+        return d
+    S = train.size
+    s = S // factor
+    n_images = len(d.labels)
+    ipc = n_images // len(train.classes)
+    n_patch = ipc * factor * factor
+    want = torch.arange(n_images) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    # the patches of image c * ipc + i are class c's patches j with j % ipc == i
+    entries = {(r // ipc) * n_patch + j for r in want.tolist() for j in range(r % ipc, n_patch, ipc)}
+    entries = sorted(entries)
+    box_of = {d.sources[e]["image"]: np.asarray([d.sources[e]["box"]], dtype=np.int64) for e in entries}
+    patch: dict[int, torch.Tensor] = {}
+    if entries:
+        src = PatchSource(train, torch.tensor([d.sources[e]["image"] for e in entries]), normalizer, crop_size=s,
+                          boxes=box_of.__getitem__, loader=loader, batch_size=batch_size, workers=workers,
+                          device=device)
+        for b in src:
+            for i, crop in zip(b.index.tolist(), b.crops[:, 0]):
+                patch[i] = crop
+        if src.skipped:
+            raise ValueError(f"images chosen in discovery cannot be read any more (changed on disk?): "
+                             f"{src.skipped[:3]}")
+    images = torch.empty(n_images, train.channels, S, S)
+    by_class: dict[int, list[int]] = {}
+    for r in want.tolist():
+        by_class.setdefault(r // ipc, []).append(r)
+    needed = set(entries)
+    for c, class_rows in sorted(by_class.items()):
+        crops = torch.zeros(n_patch, train.channels, s, s)
+        for j in range(n_patch):
+            if c * n_patch + j in needed:
+                crops[j] = normalizer.inverse(patch[d.sources[c * n_patch + j]["image"]][None]).cpu()[0]
+        stitched = stitch(crops, factor, S).clamp_(0, 1)
+        for r in class_rows:
+            images[r] = stitched[r % ipc]
+    return Discovery(images, d.labels, d.sources, d.skipped, d.loader, rows=None if rows is None else want)

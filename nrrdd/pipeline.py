@@ -18,6 +18,7 @@ Output layout of a distill run (``--out DIR``)::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -32,12 +33,12 @@ from PIL import Image
 from .cam import require_cam
 from .config import RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
-from .discover import discover
+from .discover import Discovery, assemble, select
 from .dist import SINGLE, Dist, setup as setup_dist
 from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
                  ensure_writable, file_sha256, load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
-from .refine import refine
+from .refine import refine, rows_of_rank
 from .relabel import LabelParts, load_labels, relabel, save_labels
 from .runtime import resolve_device, resolve_precision, set_threads
 from .train import TrainCheckpoint, evaluate, train_student, train_teacher
@@ -230,18 +231,30 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     d = found.load() if cfg.resume else None
     if d is None:
         with _timed(ctx, "discover"):
-            d = discover(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
-                         num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
-                         cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
-                         precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
-                         workers=cfg.loader_workers, dist=ctx.dist)
-        if refined and ctx.dist.is_main:            # a resumed run starts from here, not from discovery
+            d = select(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
+                       num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
+                       cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
+                       precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
+                       workers=cfg.loader_workers, dist=ctx.dist)
+        if refined and ctx.dist.is_main and d.images is None:   # a resumed run starts from here
             found.save(d)
-    images = sp.normalizer(d.images)
+    # The images this process needs: all in one process; under torchrun those of its refinement batches
+    # (rank 0 writes the set: without refinement it needs all of them, the others none).
+    rows = None
+    if ctx.dist.active:
+        rows = (rows_of_rank(d.labels, cfg.refine_batch_size, ctx.dist) if refined
+                else torch.arange(len(d.labels)) if ctx.dist.is_main else torch.arange(0))
+    with _timed(ctx, "assemble"):
+        d = assemble(d, sp.train, sp.normalizer, factor=ctx.factor, rows=rows, batch_size=cfg.discover_batch_size,
+                     device=ctx.device, loader=cfg.loader, workers=cfg.loader_workers)
+    if d.rows is None:
+        images = sp.normalizer(d.images)
+    else:                                           # only the rows written (the others are untouched memory)
+        images = torch.empty_like(d.images)
+        images[d.rows] = sp.normalizer(d.images[d.rows])
     d.images = None                                 # one copy of the set in memory, not two
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
-    parts = ChunkStore(out / "refine.parts",
-                       _identity(ctx, NOT_DISTILL, discovered=tensor_sha256(images, d.labels)))
+    parts = ChunkStore(out / "refine.parts", _identity(ctx, NOT_DISTILL, discovered=_selection_sha256(d)))
     if refined:
         with _timed(ctx, "refine"):
             r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
@@ -270,10 +283,19 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
 
 
+def _selection_sha256(d) -> str:
+    """What the synthetic images are cut from (class, image, box, slot of every patch), or the images themselves
+    (sre2l's noise): the same on every process, whichever images it holds."""
+    if d.sources and "box" in d.sources[0]:
+        picks = [(s["class"], s["image"], s["box"], s["slot"]) for s in d.sources]
+        return hashlib.sha256(json.dumps(picks).encode()).hexdigest()
+    return tensor_sha256(d.images, d.labels)
+
+
 class DiscoveryStore:
-    """Stage 1's result kept for a resumed distillation: ``discovered.safetensors`` (images, labels; carrying
-    the run's identity) and ``discovered.json`` (per-patch sources, skipped files), the JSON written first, so
-    the safetensors file's presence means both are complete."""
+    """Stage 1's selection kept for a resumed distillation: ``discovered.safetensors`` (labels; carrying the
+    run's identity) and ``discovered.json`` (per-patch sources, skipped files), the JSON written first, so the
+    safetensors file's presence means both are complete. No pixels: :func:`assemble` cuts them again."""
 
     def __init__(self, folder: Path, identity: dict):
         self.store = ChunkStore(folder, identity)
@@ -284,16 +306,14 @@ class DiscoveryStore:
     def save(self, d) -> None:
         atomic_write_json(self.store.folder / "discovered.json",
                           {"sources": d.sources, "skipped": d.skipped, "loader": d.loader})
-        self.store.save("discovered", {"images": d.images, "labels": d.labels})
+        self.store.save("discovered", {"labels": d.labels})
 
     def load(self):
-        from .discover import Discovery
-
         got = self.store.load("discovered")
         if got is None:
             return None
         facts = json.loads((self.store.folder / "discovered.json").read_text())
-        return Discovery(got[0]["images"], got[0]["labels"], facts["sources"], facts["skipped"], facts["loader"])
+        return Discovery(None, got[0]["labels"], facts["sources"], facts["skipped"], facts["loader"])
 
     def remove(self) -> None:
         self.store.remove()

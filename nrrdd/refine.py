@@ -101,8 +101,7 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
     if not bn_loss.bns and a_bn > 0:
         warnings.warn("teacher has no BatchNorm2d layer: L_bn is 0, only the cross-entropy drives refinement")
     out, out_masks, last = [], [], float("nan")
-    # Interleave classes inside each batch, so BN statistics are matched over a class mix as in SRe2L.
-    order = torch.argsort(_rank_within_class(labels) * (int(labels.max()) + 1) + labels, stable=True)
+    order = batch_order(labels)
     try:
         bar = progress(range(0, len(order), batch_size), desc=desc, enable=show_progress and dist.is_main)
         for start in bar:
@@ -147,6 +146,19 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
         result[idx] = x
         masks[idx] = m
     return RefineResult(result, masks, last)
+
+
+def batch_order(labels: torch.Tensor) -> torch.Tensor:
+    """The order in which images are refined, cut into batches of ``batch_size``: classes interleaved inside
+    each batch, so BN statistics are matched over a class mix as in SRe2L."""
+    return torch.argsort(_rank_within_class(labels) * (int(labels.max()) + 1) + labels, stable=True)
+
+
+def rows_of_rank(labels: torch.Tensor, batch_size: int, dist: Dist) -> torch.Tensor:
+    """The images the refinement batches of ``dist.rank`` hold (batch ``k`` to rank ``k % world``)."""
+    order = batch_order(labels)
+    n = -(-len(order) // batch_size)
+    return torch.cat([order[k * batch_size:(k + 1) * batch_size] for k in dist.mine(n)] or [order[:0]])
 
 
 def _rank_within_class(labels: torch.Tensor) -> torch.Tensor:

@@ -75,3 +75,22 @@ def test_too_few_candidates_is_a_clear_error():
     with pytest.raises(ValueError, match="candidate images"):
         discover("rded", BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=4, mipc=3, num_crop=1,
                  factor=1, seed=0, show_progress=False)
+
+
+def test_assembling_some_rows_gives_exactly_those_rows_of_the_whole_set():
+    """A process under torchrun assembles only the images of its refinement batches: each must be the same
+    bits as in the whole set (crops are cut again from their images; factor 2, so 4 patches per image)."""
+    from nrrdd.discover import assemble, select
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(40, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    data = TensorImageSet(images, torch.arange(40) % 2, ["zero", "one"])
+    kw = dict(ipc=3, mipc=20, num_crop=3, factor=2, seed=0, show_progress=False)
+    norm = Normalizer((0.5,), (0.25,))
+    sel = select("rded", BrightnessTeacher().eval(), data, norm, **kw)
+    assert sel.images is None and len(sel.sources) == 2 * 3 * 4
+    whole = assemble(sel, data, norm, factor=2)
+    part = assemble(sel, data, norm, factor=2, rows=torch.tensor([4, 1]))
+    assert whole.rows is None and part.rows.tolist() == [4, 1]
+    assert torch.equal(part.images[[4, 1]], whole.images[[4, 1]])
+    assert torch.equal(whole.images, discover("rded", BrightnessTeacher().eval(), data, norm, **kw).images)
