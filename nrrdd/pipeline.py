@@ -229,6 +229,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                               "refine.parts): pass --resume to continue it (or remove them to start over)")
     ctx.dist.barrier()                              # every rank has looked for leftovers before any is written
     d = found.load() if cfg.resume else None
+    resumed_selection = d is not None
     if d is None:
         with _timed(ctx, "discover"):
             d = select(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
@@ -244,7 +245,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     if ctx.dist.active:
         rows = (rows_of_rank(d.labels, cfg.refine_batch_size, ctx.dist) if refined
                 else torch.arange(len(d.labels)) if ctx.dist.is_main else torch.arange(0))
-    with _timed(ctx, "assemble"):
+    with _timed(ctx, "discover"):                   # stage 1's second half: the chosen crops' pixels
         d = assemble(d, sp.train, sp.normalizer, factor=ctx.factor, rows=rows, batch_size=cfg.discover_batch_size,
                      device=ctx.device, loader=cfg.loader, workers=cfg.loader_workers)
     if d.rows is None:
@@ -252,9 +253,10 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     else:                                           # only the rows written (the others are untouched memory)
         images = torch.empty_like(d.images)
         images[d.rows] = sp.normalizer(d.images[d.rows])
+    selection = _selection_sha256(d)
     d.images = None                                 # one copy of the set in memory, not two
     masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
-    parts = ChunkStore(out / "refine.parts", _identity(ctx, NOT_DISTILL, discovered=_selection_sha256(d)))
+    parts = ChunkStore(out / "refine.parts", _identity(ctx, NOT_DISTILL, discovered=selection))
     if refined:
         with _timed(ctx, "refine"):
             r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
@@ -278,7 +280,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     write_manifest(out, stage="distill", config=cfg.to_dict(), **_provenance(ctx),
                    synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
                    timings=dict(ctx.timings), loader=d.loader, skipped_files=d.skipped + _ignored(sp),
-                   sources=d.sources)
+                   sources=d.sources, selection_resumed=resumed_selection)
     ctx.dist.barrier()                              # the other ranks wait for the files
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
 

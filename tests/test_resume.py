@@ -120,8 +120,9 @@ def test_killed_distillation_resumes_after_discovery_at_its_refinement_batch(tmp
     assert (syn / "synthetic.safetensors").read_bytes() == (tmp_path / "ref" / "synthetic.safetensors").read_bytes()
     assert not parts.exists() and not (syn / "discover.parts").exists()
     manifest = json.loads((syn / "manifest_distill.json").read_text())
-    assert "discover" not in manifest["timings"]                  # resumed after discovery, not rerun
+    assert manifest["selection_resumed"] is True                  # resumed after discovery, not rerun
     ref_manifest = json.loads((tmp_path / "ref" / "manifest_distill.json").read_text())
+    assert ref_manifest["selection_resumed"] is False
     assert manifest["sources"] == ref_manifest["sources"]
 
 
