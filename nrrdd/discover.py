@@ -258,8 +258,8 @@ def assemble(d: Discovery, train: ImageSet, normalizer: Normalizer, *, factor: i
     n_patch = ipc * factor * factor
     want = torch.arange(n_images) if rows is None else torch.as_tensor(rows, dtype=torch.long)
     # the patches of image c * ipc + i are class c's patches j with j % ipc == i
-    entries = {(r // ipc) * n_patch + j for r in want.tolist() for j in range(r % ipc, n_patch, ipc)}
-    entries = sorted(entries)
+    needed = {(r // ipc) * n_patch + j for r in want.tolist() for j in range(r % ipc, n_patch, ipc)}
+    entries = sorted(needed)
     box_of = {d.sources[e]["image"]: np.asarray([d.sources[e]["box"]], dtype=np.int64) for e in entries}
     patch: dict[int, torch.Tensor] = {}
     if entries:
@@ -276,7 +276,6 @@ def assemble(d: Discovery, train: ImageSet, normalizer: Normalizer, *, factor: i
     by_class: dict[int, list[int]] = {}
     for r in want.tolist():
         by_class.setdefault(r // ipc, []).append(r)
-    needed = set(entries)
     for c, class_rows in sorted(by_class.items()):
         crops = torch.zeros(n_patch, train.channels, s, s)
         for j in range(n_patch):

@@ -143,23 +143,20 @@ def convert(root: str | Path, out: str | Path, fkd_seed: int | None = 42) -> dic
     Metadata: source folder, epochs, images, classes, fkd_seed. Returns a summary."""
     epochs = scan(root)
     E, nb = len(epochs), len(epochs[0])
-    tensors: dict[str, torch.Tensor] = {}
-    sizes = None
+    first = [read_batch(f) for f in epochs[0]]      # epoch 0 sizes the output; later epochs stream batch by batch
+    sizes = [len(x.soft_label) for x in first]
+    N, C = sum(sizes), first[0].soft_label.shape[1]
+    mixed, boxed = first[0].mix_index is not None, first[0].mix_bbox is not None
+    starts = [int(v) for v in np.cumsum([0] + sizes[:-1])]
+    tensors = {"soft_label": torch.empty(E, N, C, dtype=first[0].soft_label.dtype),
+               "coords": torch.empty(E, N, 4), "flip": torch.empty(E, N, dtype=torch.uint8)}
+    if mixed:
+        tensors["mix_index"] = torch.empty(E, N, dtype=torch.long)
+        tensors["mix_lam"] = torch.empty(E, nb, dtype=torch.float64)
+    if boxed:
+        tensors["mix_bbox"] = torch.empty(E, nb, 4, dtype=torch.long)
     for e, files in enumerate(epochs):
-        for b, f in enumerate(files):                   # one batch in memory at a time, written into place
-            x = read_batch(f)
-            if e == 0 and b == 0:
-                mixed, boxed = x.mix_index is not None, x.mix_bbox is not None
-                sizes = [len(read_batch(g).soft_label) if g != f else len(x.soft_label) for g in files]
-                N, C = sum(sizes), x.soft_label.shape[1]
-                starts = [int(v) for v in np.cumsum([0] + sizes[:-1])]
-                tensors = {"soft_label": torch.empty(E, N, C, dtype=x.soft_label.dtype),
-                           "coords": torch.empty(E, N, 4), "flip": torch.empty(E, N, dtype=torch.uint8)}
-                if mixed:
-                    tensors["mix_index"] = torch.empty(E, N, dtype=torch.long)
-                    tensors["mix_lam"] = torch.empty(E, nb, dtype=torch.float64)
-                if boxed:
-                    tensors["mix_bbox"] = torch.empty(E, nb, 4, dtype=torch.long)
+        for b, (f, x) in enumerate(zip(files, first if e == 0 else map(read_batch, files))):
             if len(x.soft_label) != sizes[b] or x.soft_label.shape[1] != C:
                 raise ValueError(f"{f}: {tuple(x.soft_label.shape)} soft labels, but batch {b} of epoch 0 holds "
                                  f"{sizes[b]} x {C}")
@@ -174,6 +171,7 @@ def convert(root: str | Path, out: str | Path, fkd_seed: int | None = 42) -> dic
                 tensors["mix_lam"][e, b] = x.mix_lam
             if boxed:
                 tensors["mix_bbox"][e, b] = torch.tensor(x.mix_bbox)
+        first = None                                # epoch 0's batches are written: free them
     tensors["batch_start"] = torch.tensor(starts, dtype=torch.long)
     if fkd_seed is not None:
         tensors["image_index"] = sampler_order(N, E, fkd_seed)

@@ -96,13 +96,15 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     return _atomic(path, write)
 
 
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ``tensors=False``: the metadata alone (the header is read,
+    not the data)."""
     from safetensors import safe_open
 
     out = {}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        for k in f.keys():
+        for k in f.keys() if tensors else ():
             out[k] = f.get_tensor(k)
     if META_KEY in meta:                # written by atomic_save_safetensors; older files hold a plain dict
         meta = json.loads(meta[META_KEY])
@@ -205,11 +207,12 @@ class ChunkStore:
         atomic_save_safetensors(self.folder / f"{name}.safetensors", {k: v.contiguous() for k, v in tensors.items()},
                                 metadata={"identity": self.identity, **meta})
 
-    def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    def load(self, name: str, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """A piece (None when absent), its identity checked; ``tensors=False``: its metadata only."""
         path = self.folder / f"{name}.safetensors"
         if not path.exists():
             return None
-        tensors, meta = load_safetensors(path)
+        tensors, meta = load_safetensors(path, tensors)
         if meta.get("identity") != self.identity:
             raise ValueError(f"{path} was written by a run with other settings: it cannot be resumed with these; "
                              f"remove {self.folder} or use another --out")

@@ -117,6 +117,12 @@ def _identity(ctx: Context, ignore: set[str] = _RUNTIME_FIELDS, **inputs) -> dic
     return {**ident, **facts, **inputs}
 
 
+def _refuse_leftover(cfg: RunConfig, leftover: bool, what: str) -> None:
+    """A killed run's pieces are continued with --resume, never silently reused or deleted."""
+    if leftover and not cfg.resume:
+        raise FileExistsError(f"{what}: pass --resume to continue it (or remove them to start over)")
+
+
 def _timed(ctx: Context, name: str):
     class T:
         def __enter__(self):
@@ -224,9 +230,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     ensure_writable(out)                            # checks done; before the work
     refined = cfg.resolved_refine()
     found = DiscoveryStore(out / "discover.parts", _identity(ctx, NOT_DISTILL))
-    if (found.exists() or ChunkStore(out / "refine.parts", {}).exists()) and not cfg.resume:
-        raise FileExistsError(f"{out} holds the pieces of an interrupted distillation (discover.parts, "
-                              "refine.parts): pass --resume to continue it (or remove them to start over)")
+    _refuse_leftover(cfg, found.exists() or ChunkStore(out / "refine.parts", {}).exists(),
+                     f"{out}/discover.parts and refine.parts hold the pieces of an interrupted distillation")
     ctx.dist.barrier()                              # every rank has looked for leftovers before any is written
     d = found.load() if cfg.resume else None
     resumed_selection = d is not None
@@ -267,9 +272,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                        jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(),
                        seed=cfg.seed, precision=ctx.precision, device=ctx.device, show_progress=show_progress,
                        desc="synthesise[sre2l]" if sre2l else "refine", parts=parts, dist=ctx.dist)
-        if not ctx.dist.is_main:                    # rank 0 has the refined images and writes them
-            return _follower_done(ctx, {"out": str(out), "n_images": int(images.shape[0])})
-        images, masks = r.images, r.masks
+        if r is not None:                           # None on ranks other than 0, which write nothing
+            images, masks = r.images, r.masks
     if not ctx.dist.is_main:
         return _follower_done(ctx, {"out": str(out), "n_images": int(images.shape[0])})
     with _timed(ctx, "write"):
@@ -376,9 +380,7 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
     ensure_writable(syn_dir)
     images, labels, _, _ = read_synthetic(syn_dir)
     parts = LabelParts(Path(syn_dir) / f"labels_{mode}.parts", _identity(ctx), cfg.checkpoint_every)
-    if parts.exists() and not cfg.resume:
-        raise FileExistsError(f"{parts.folder} holds the labels of an interrupted relabelling: pass --resume to "
-                              "continue it (or remove the folder to start over)")
+    _refuse_leftover(cfg, parts.exists(), f"{parts.folder} holds the labels of an interrupted relabelling")
     teacher = load_teacher(ctx)
     temperature = cfg.dbr_temperature if mode == "dbr" else 1.0
     with _timed(ctx, "relabel"):
@@ -428,17 +430,16 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     # torch.compile of a DDP model with SyncBatchNorm has open PyTorch issues (pytorch#107372): only on request
     compiled = cfg.resolved_compile(ctx.device.type, images.shape[0]) and (cfg.compile is True or not sync_bn)
     ckpt = TrainCheckpoint(Path(syn_dir) / f"checkpoint_{tag}.pt", _identity(ctx), cfg.checkpoint_every)
-    if ckpt.path.exists() and not cfg.resume:
-        raise FileExistsError(f"{ckpt.path} holds the state of an interrupted evaluation: pass --resume to "
-                              "continue it (or remove the file to start over)")
+    _refuse_leftover(cfg, ckpt.path.exists(), f"{ckpt.path} holds the state of an interrupted evaluation")
     with _timed(ctx, "train"):
         student = train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
-                      batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed, factor=ctx.factor,
-                      teacher=teacher, stored=stored, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      temperature=cfg.temperature, cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr,
-                      dbr_distance=cfg.dbr_distance, dbr_temperature=cfg.dbr_temperature, device=ctx.device,
-                      precision=ctx.precision, compile=compiled, checkpoint=ckpt, show_progress=show_progress,
-                      dist=ctx.dist, sync_bn=sync_bn)
+                                batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed,
+                                factor=ctx.factor, teacher=teacher, stored=stored, lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, temperature=cfg.temperature,
+                                cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr, dbr_distance=cfg.dbr_distance,
+                                dbr_temperature=cfg.dbr_temperature, device=ctx.device, precision=ctx.precision,
+                                compile=compiled, checkpoint=ckpt, show_progress=show_progress, dist=ctx.dist,
+                                sync_bn=sync_bn)
     with _timed(ctx, "evaluate"):
         skipped: list = []
         test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))

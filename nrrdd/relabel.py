@@ -86,18 +86,20 @@ class LabelParts:
 
     def load(self, epochs: int, n: int, tensors: bool = True) -> tuple[torch.Tensor | None, int]:
         """(labels so far in an [E, N, W] tensor, first epoch to compute), from the chunks on disk.
-        ``tensors=False``: only the first epoch to compute (the chunks' identities are still checked)."""
+        ``tensors=False``: only the first epoch to compute (each chunk's header is read, its identity checked)."""
         out, done = None, 0
         while True:
             name = next((p.stem for p in self.folder.glob(f"epochs_{done:05d}-*.safetensors")), None)
             if name is None:
                 break
-            t = self.store.load(name)[0]["labels"]
-            if tensors and out is None:
-                out = torch.empty(epochs, n, t.shape[-1], dtype=torch.float16)
+            upto = int(name.rsplit("-", 1)[1])
+            piece = self.store.load(name, tensors)[0]
             if tensors:
-                out[done:done + len(t)] = t
-            done += len(t)
+                t = piece["labels"]
+                if out is None:
+                    out = torch.empty(epochs, n, t.shape[-1], dtype=torch.float16)
+                out[done:upto] = t
+            done = upto
         self._saved = done
         return out, done
 

@@ -12,9 +12,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 # A small real Fashion-MNIST setup for CLI tests (a teacher trains in seconds on it; conftest.fmnist_teacher).
 SMALL_FMNIST = ["--train-limit", "3000", "--test-limit", "1000", "--val-per-class", "20", "--threads", "2"]
 

@@ -6,18 +6,11 @@ import shutil
 
 import pytest
 import torch
-from imagefolders import FMNIST, SMALL_FMNIST, bad_input_folder, imagenet_jpegs
+from imagefolders import SMALL_FMNIST, bad_input_folder, imagenet_jpegs, needs_fmnist
 
 from nrrdd.cli import main
 
-pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-SMALL = SMALL_FMNIST
-
-
-@pytest.fixture
-def teacher(fmnist_teacher):
-    return fmnist_teacher
+pytestmark = needs_fmnist
 
 
 def check(capsys, *args) -> tuple[int, str]:
@@ -25,8 +18,8 @@ def check(capsys, *args) -> tuple[int, str]:
     return rc, capsys.readouterr().out
 
 
-def test_sound_setup_passes(teacher, capsys, tmp_path):
-    rc, out = check(capsys, "--teacher", str(teacher), "--out", str(tmp_path / "o"), *SMALL)
+def test_sound_setup_passes(fmnist_teacher, capsys, tmp_path):
+    rc, out = check(capsys, "--teacher", str(fmnist_teacher), "--out", str(tmp_path / "o"), *SMALL_FMNIST)
     assert rc == 0, out
     assert "0 error(s)" in out and "teacher accuracy" in out
 
@@ -37,33 +30,33 @@ def test_untrained_teacher_is_near_chance(capsys, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "untrained.pt"
     torch.save({"model": build_model("conv3", 10, 1, 28).state_dict()}, ckpt)
-    rc, out = check(capsys, "--teacher", str(ckpt), *SMALL)
+    rc, out = check(capsys, "--teacher", str(ckpt), *SMALL_FMNIST)
     assert rc == 1 and "near chance" in out
 
 
-def test_wrong_class_count_and_class_order(teacher, capsys, tmp_path):
+def test_wrong_class_count_and_class_order(fmnist_teacher, capsys, tmp_path):
     from nrrdd.models import build_model
 
     seven = tmp_path / "seven.pt"
     torch.save({"model": build_model("conv3", 7, 1, 28).state_dict()}, seven)
-    rc, out = check(capsys, "--teacher", str(seven), *SMALL)
+    rc, out = check(capsys, "--teacher", str(seven), *SMALL_FMNIST)
     assert rc == 1 and "ERROR   teacher" in out and "7" in out
 
     other = tmp_path / "other"
-    shutil.copytree(teacher.parent, other)
+    shutil.copytree(fmnist_teacher.parent, other)
     meta = json.loads((other / "teacher.json").read_text())
     meta["classes"] = meta["classes"][::-1]
     (other / "teacher.json").write_text(json.dumps(meta))
-    rc, out = check(capsys, "--teacher", str(other / "teacher.pt"), *SMALL)
+    rc, out = check(capsys, "--teacher", str(other / "teacher.pt"), *SMALL_FMNIST)
     assert rc == 1 and "do not match" in out
 
 
-def test_too_few_images_per_class_and_existing_output(teacher, capsys, tmp_path):
-    rc, out = check(capsys, "--teacher", str(teacher), "--ipc", "400", *SMALL)   # ~280 images per class
+def test_too_few_images_per_class_and_existing_output(fmnist_teacher, capsys, tmp_path):
+    rc, out = check(capsys, "--teacher", str(fmnist_teacher), "--ipc", "400", *SMALL_FMNIST)  # ~280 per class
     assert rc == 1 and "fewer usable images than the 400 patches" in out
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "synthetic.safetensors").write_bytes(b"x")
-    rc, out = check(capsys, "--teacher", str(teacher), "--out", str(tmp_path / "o"), *SMALL)
+    rc, out = check(capsys, "--teacher", str(fmnist_teacher), "--out", str(tmp_path / "o"), *SMALL_FMNIST)
     assert "would refuse to overwrite" in out
 
 

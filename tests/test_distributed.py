@@ -24,10 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagefolders import FMNIST, fmnist_png_folder
+from imagefolders import fmnist_png_folder, needs_fmnist
 
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                  reason="Fashion-MNIST not installed")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 

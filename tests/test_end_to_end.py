@@ -6,25 +6,18 @@ import json
 import pytest
 import torch
 
-from imagefolders import FMNIST, SMALL_FMNIST
+from imagefolders import SMALL_FMNIST, needs_fmnist
 
 from nrrdd.cli import main
 
-pytestmark = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-
-SMALL = SMALL_FMNIST
+pytestmark = needs_fmnist
 
 
-@pytest.fixture
-def teacher(fmnist_teacher):
-    return fmnist_teacher
 
-
-def test_nrrdd_distill_relabel_evaluate_beats_chance(teacher, tmp_path):
+def test_nrrdd_distill_relabel_evaluate_beats_chance(fmnist_teacher, tmp_path):
     out = tmp_path / "nrrdd"
-    common = ["--teacher", str(teacher), "--out", str(out), "--ipc", "5", "--mipc", "30", "--nrr-iterations", "10",
-              "--re-epochs", "30", *SMALL]
+    common = ["--teacher", str(fmnist_teacher), "--out", str(out), "--ipc", "5", "--mipc", "30",
+              "--nrr-iterations", "10", "--re-epochs", "30", *SMALL_FMNIST]
     assert main(["distill", *common]) == 0
     pngs = sorted((out / "syn").glob("*/*.png"))
     assert len(pngs) == 50 and pngs[0].name == "class00000_id00000.png"
@@ -47,10 +40,10 @@ def test_nrrdd_distill_relabel_evaluate_beats_chance(teacher, tmp_path):
     assert main(["distill", *common]) == 2
 
 
-def test_wrong_teacher_class_count_is_refused(teacher, tmp_path):
+def test_wrong_teacher_class_count_is_refused(fmnist_teacher, tmp_path):
     from nrrdd.models import build_model
 
     bad = tmp_path / "bad.pt"
     torch.save({"model": build_model("conv3", 7, 1, 28).state_dict()}, bad)
     assert main(["distill", "--teacher", str(bad), "--out", str(tmp_path / "o"), "--method", "rded",
-                 "--ipc", "1", "--mipc", "5", *SMALL]) == 2
+                 "--ipc", "1", "--mipc", "5", *SMALL_FMNIST]) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagefolders import FMNIST, bad_input_folder, fmnist_png_folder, imagenet_folder, imagenet_jpegs
+from imagefolders import FMNIST, bad_input_folder, fmnist_png_folder, imagenet_folder, imagenet_jpegs, needs_fmnist
 
 from nrrdd.cli import main
 from nrrdd.data import DatasetLayoutError, FolderImageSet, Normalizer
@@ -26,8 +26,6 @@ from nrrdd.discover import candidate_boxes
 from nrrdd.loaders import PatchSource, dali_available, image_batches
 
 needs_jpegs = pytest.mark.skipif(not imagenet_jpegs(), reason="foolbox wheel (its 20 ImageNet JPEGs) not installed")
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 needs_dali = pytest.mark.skipif(not dali_available(), reason="DALI not installed (pip install 'nrrdd[dali]')")
 BACKENDS = ["torch", pytest.param("dali", marks=needs_dali)]
 IMAGENET_NORM = Normalizer((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

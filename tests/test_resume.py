@@ -15,10 +15,11 @@ import time
 
 import pytest
 
+from imagefolders import needs_fmnist
+
 from nrrdd.cli import main
 
-FMNIST_OK = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = pytest.mark.skipif(not FMNIST_OK, reason="Fashion-MNIST not installed")
+pytestmark = needs_fmnist
 SMALL = ["--train-limit", "2000", "--test-limit", "200", "--val-per-class", "20", "--threads", "1"]
 
 
