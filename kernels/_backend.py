@@ -112,3 +112,19 @@ def check_backend_arg(backend: str | None) -> str:
     if b not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return b
+
+
+class Launch:
+    """One Triton kernel launch exactly as a host launcher builds it: ``kernel[grid](*args, **meta)``,
+    ``meta`` holding the constexpr arguments and launch options (``num_warps``).
+
+    The launchers build a Launch and call it; ``nrrdd.kernels.aot`` compiles the same Launch for a
+    GPU that is not here, so what it reports is what the launcher would run."""
+
+    __slots__ = ("kernel", "grid", "args", "meta")
+
+    def __init__(self, kernel, grid: tuple, args: tuple, meta: dict):
+        self.kernel, self.grid, self.args, self.meta = kernel, tuple(grid), tuple(args), dict(meta)
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)

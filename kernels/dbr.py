@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._backend import check_backend_arg, resolve_backend, triton_available
+from ._backend import Launch, check_backend_arg, resolve_backend, triton_available
 
 __all__ = [
     "dbr_distances",
@@ -249,7 +249,8 @@ def _rows_ready(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
-def dbr_distances_triton(logits, y_org, y_aug, temperature: float = 1.0):
+def plan_dbr_distances(logits, y_org, y_aug, temperature: float = 1.0):
+    """The launch of the distances kernel, without running it: ``(launch or None, (d_org, d_aug))``."""
     if not triton_available():
         raise RuntimeError("nrrdd.kernels: Triton is not importable")
     z = _rows_ready(logits)
@@ -257,22 +258,29 @@ def dbr_distances_triton(logits, y_org, y_aug, temperature: float = 1.0):
     d_org = torch.empty(B, dtype=torch.float32, device=z.device)
     d_aug = torch.empty(B, dtype=torch.float32, device=z.device)
     if B == 0:
-        return d_org, d_aug
+        return None, (d_org, d_aug)
     block, warps = _launch_cfg(C, z.device)
-    yo = y_org.contiguous()
-    ya = y_aug.contiguous()
-    _dbr_row_kernel[(B,)](
-        z, z.stride(0), z, 0, yo, ya, d_org, d_org, d_org, d_org, d_aug, d_org,
-        C, 1.0 / float(temperature), 0.0, 1.0,
-        COMPUTE_LOSS=False, COMPUTE_GRAD=False, SQUARED=False, BLOCK=block, num_warps=warps,
+    launch = Launch(
+        _dbr_row_kernel,
+        (B,),
+        (z, z.stride(0), z, 0, y_org.contiguous(), y_aug.contiguous(), d_org, d_org, d_org, d_org, d_aug, d_org,
+         C, 1.0 / float(temperature), 0.0, 1.0),
+        dict(COMPUTE_LOSS=False, COMPUTE_GRAD=False, SQUARED=False, BLOCK=block, num_warps=warps),
     )
-    return d_org, d_aug
+    return launch, (d_org, d_aug)
 
 
-def dbr_rows_triton(
+def dbr_distances_triton(logits, y_org, y_aug, temperature: float = 1.0):
+    launch, out = plan_dbr_distances(logits, y_org, y_aug, temperature)
+    if launch is not None:
+        launch()
+    return out
+
+
+def plan_dbr_rows(
     logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale=1.0
 ):
-    """Triton implementation of ``nrrdd::dbr_loss_rows`` (lam, d_*_t: fp32 [B])."""
+    """The launch of the loss kernel, without running it: ``(launch or None, (loss_rows, grad_buffer))``."""
     if not triton_available():
         raise RuntimeError("nrrdd.kernels: Triton is not importable")
     z = _rows_ready(logits)
@@ -280,18 +288,32 @@ def dbr_rows_triton(
     loss = torch.empty(B, dtype=torch.float32, device=z.device)
     grad = torch.empty((B, C) if compute_grad else (0,), dtype=z.dtype, device=z.device)
     if B == 0:
-        return loss, grad
+        return None, (loss, grad)
     block, warps = _launch_cfg(C, z.device)
-    _dbr_row_kernel[(B,)](
-        z, z.stride(0), grad, C if compute_grad else 0,
-        y_org.contiguous(), y_aug.contiguous(),
-        lam.contiguous(), d_org_t.contiguous(), d_aug_t.contiguous(),
-        loss, loss, loss,
-        C, 1.0 / float(temperature), float(alpha), float(grad_scale),
-        COMPUTE_LOSS=True, COMPUTE_GRAD=bool(compute_grad), SQUARED=bool(squared),
-        BLOCK=block, num_warps=warps,
+    launch = Launch(
+        _dbr_row_kernel,
+        (B,),
+        (z, z.stride(0), grad, C if compute_grad else 0,
+         y_org.contiguous(), y_aug.contiguous(),
+         lam.contiguous(), d_org_t.contiguous(), d_aug_t.contiguous(),
+         loss, loss, loss,
+         C, 1.0 / float(temperature), float(alpha), float(grad_scale)),
+        dict(COMPUTE_LOSS=True, COMPUTE_GRAD=bool(compute_grad), SQUARED=bool(squared), BLOCK=block,
+             num_warps=warps),
     )
-    return loss, grad
+    return launch, (loss, grad)
+
+
+def dbr_rows_triton(
+    logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale=1.0
+):
+    """Triton implementation of ``nrrdd::dbr_loss_rows`` (lam, d_*_t: fp32 [B])."""
+    launch, out = plan_dbr_rows(
+        logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale
+    )
+    if launch is not None:
+        launch()
+    return out
 
 
 # ----------------------------------------------------------------------------

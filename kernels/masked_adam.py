@@ -32,9 +32,9 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
-from ._backend import check_backend_arg, resolve_backend, triton_available
+from ._backend import Launch, check_backend_arg, resolve_backend, triton_available
 
-__all__ = ["masked_adam_", "masked_adam_reference_", "masked_adam_triton_", "MaskedAdam"]
+__all__ = ["masked_adam_", "masked_adam_reference_", "masked_adam_triton_", "plan_masked_adam", "MaskedAdam"]
 
 
 # ----------------------------------------------------------------------------
@@ -208,8 +208,7 @@ if triton_available():
 _BLOCK = 1024
 
 
-@torch.no_grad()
-def masked_adam_triton_(
+def plan_masked_adam(
     x: torch.Tensor,
     grad: torch.Tensor,
     mask: torch.Tensor | None,
@@ -223,8 +222,12 @@ def masked_adam_triton_(
     eps: float = 1e-8,
     lo=None,
     hi=None,
-) -> None:
-    """Launch the fused Triton kernel (same semantics as the reference)."""
+) -> tuple[Launch | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The launch of the fused kernel for these arguments, without running it.
+
+    Returns ``(launch, write_back)``: ``launch`` is None when there is nothing to do; ``write_back``
+    pairs each in-place tensor with the contiguous tensor the kernel writes (the same tensor when it
+    is contiguous already)."""
     if not triton_available():
         raise RuntimeError("nrrdd.kernels: Triton is not importable")
     _check_shapes(x, grad, mask, exp_avg, exp_avg_sq)
@@ -232,14 +235,14 @@ def masked_adam_triton_(
         raise TypeError("masked_adam_: exp_avg and exp_avg_sq must be float32")
     N, C = x.shape[0], x.shape[1]
     n = x.numel()
-    if n == 0:
-        return
-    HW = n // (N * C) if N * C > 0 else 1
-
     # in-place tensors must be contiguous; otherwise work on copies and copy back
     xs = x if x.is_contiguous() else x.contiguous()
     ms = exp_avg if exp_avg.is_contiguous() else exp_avg.contiguous()
     vs = exp_avg_sq if exp_avg_sq.is_contiguous() else exp_avg_sq.contiguous()
+    write_back = [(x, xs), (exp_avg, ms), (exp_avg_sq, vs)]
+    if n == 0:
+        return None, write_back
+    HW = n // (N * C)
     gs = grad.contiguous()
 
     has_mask = mask is not None
@@ -262,34 +265,41 @@ def masked_adam_triton_(
     bias_correction2 = 1 - beta2**step
     step_size = float(lr) / bias_correction1
     w1 = 1 - beta1
-    grid = (triton.cdiv(n, _BLOCK),)
-    _masked_adam_kernel[grid](
-        xs,
-        gs,
-        ms,
-        vs,
-        mk,
-        lo_t,
-        hi_t,
-        n,
-        C,
-        HW,
-        w1,
-        1 - w1,
-        beta2,
-        1 - beta2,
-        bias_correction2**0.5,
-        eps,
-        -step_size,
-        LERP_SMALL=abs(w1) < 0.5,
-        HAS_MASK=has_mask,
-        MASK_BCAST=bcast,
-        HAS_BOUNDS=b is not None,
-        IDX64=n + _BLOCK >= 2**31,
-        BLOCK=_BLOCK,
-        num_warps=4,
+    launch = Launch(
+        _masked_adam_kernel,
+        (triton.cdiv(n, _BLOCK),),
+        (xs, gs, ms, vs, mk, lo_t, hi_t, n, C, HW,
+         w1, 1 - w1, beta2, 1 - beta2, bias_correction2**0.5, eps, -step_size),
+        dict(LERP_SMALL=abs(w1) < 0.5, HAS_MASK=has_mask, MASK_BCAST=bcast, HAS_BOUNDS=b is not None,
+             IDX64=n + _BLOCK >= 2**31, BLOCK=_BLOCK, num_warps=4),
     )
-    for dst, src in ((x, xs), (exp_avg, ms), (exp_avg_sq, vs)):
+    return launch, write_back
+
+
+@torch.no_grad()
+def masked_adam_triton_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.5,
+    beta2: float = 0.9,
+    eps: float = 1e-8,
+    lo=None,
+    hi=None,
+) -> None:
+    """Launch the fused Triton kernel (same semantics as the reference)."""
+    launch, write_back = plan_masked_adam(
+        x, grad, mask, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi
+    )
+    if launch is None:
+        return
+    launch()
+    for dst, src in write_back:
         if src is not dst:
             dst.copy_(src)
         else:  # the kernel wrote behind autograd's back: bump the version counter
