@@ -62,7 +62,8 @@ class Report:
     arch: int
     num_warps: int
     registers: int
-    local_bytes: int  # spills and stack, per thread
+    local_bytes: int  # register spills, per thread
+    stack_bytes: int  # call frames (the slow paths of IEEE division and square root), per thread
     shared_bytes: int
     sass_instructions: int
     loads: dict = field(default_factory=dict)  # "LDG.E.128" -> count
@@ -166,7 +167,7 @@ def analyse(variant: Variant, arch: int) -> Report:
     warps = int(variant.launch.meta.get("num_warps", 4))
     rep = Report(
         variant=variant.name, kernel=ck.name, arch=int(arch), num_warps=warps, registers=regs,
-        local_bytes=local + stack, shared_bytes=max(shared, int(ck.metadata.shared)),
+        local_bytes=local, stack_bytes=stack, shared_bytes=max(shared, int(ck.metadata.shared)),
         sass_instructions=len(instr), loads=dict(sorted(loads.items())), stores=dict(sorted(stores.items())),
         has_loop=loop,
     )
@@ -261,8 +262,9 @@ def _fmt_mem(c: dict) -> str:
 
 
 def print_table(reports: list[Report], file=sys.stdout) -> None:
-    hdr = ("variant", "sm", "warps", "regs", "local", "smem", "instr", "B/elem ld+st (min)", "loads", "stores")
-    fmt = "{:<52} {:>3} {:>5} {:>4} {:>5} {:>6} {:>5}  {:<18} {:<34} {}"
+    hdr = ("variant", "sm", "warps", "regs", "spill", "stack", "smem", "instr", "B/elem ld+st (min)", "loads",
+           "stores")
+    fmt = "{:<50} {:>3} {:>5} {:>4} {:>5} {:>5} {:>5} {:>5}  {:<18} {:<30} {}"
     print(fmt.format(*hdr), file=file)
     print("-" * 170, file=file)
     for r in reports:
@@ -270,7 +272,7 @@ def print_table(reports: list[Report], file=sys.stdout) -> None:
             bpe = f"{r.load_bytes_per_element + r.store_bytes_per_element:.1f} ({r.min_bytes_per_element:.1f})"
         else:
             bpe = "loop"
-        print(fmt.format(r.variant, r.arch, r.num_warps, r.registers, r.local_bytes, r.shared_bytes,
+        print(fmt.format(r.variant, r.arch, r.num_warps, r.registers, r.local_bytes, r.stack_bytes, r.shared_bytes,
                          r.sass_instructions, bpe, _fmt_mem(r.loads), _fmt_mem(r.stores)), file=file)
 
 

@@ -143,9 +143,9 @@ if triton_available():
         mask_ptr,
         lo_ptr,
         hi_ptr,
-        n_elements,
-        C,
-        HW,
+        C,  # channels of x: plane p = n*C + c
+        HW,  # elements per plane
+        n_blocks,  # programs per group of planes: cdiv(HW, BLOCK)
         w1,  # 1 - beta1 (lerp weight)
         one_minus_w1,  # beta1 = 1 - w1, as torch's lerp computes it
         beta2,
@@ -153,59 +153,63 @@ if triton_available():
         bc2_sqrt,
         eps,
         neg_step_size,
+        CH: tl.constexpr,  # planes per program: all C channels of one image (unrolled), or 1
         LERP_SMALL: tl.constexpr,  # w1 < 0.5: torch's lerp uses the self-anchored form
         HAS_MASK: tl.constexpr,
-        MASK_BCAST: tl.constexpr,  # mask is [N, 1, H, W] broadcast over channels
+        MASK_BCAST: tl.constexpr,  # mask is [N, 1, H, W], one plane per image, shared by its C planes
         HAS_BOUNDS: tl.constexpr,
         IDX64: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # program (group, block): BLOCK elements of each of the CH planes group*CH ... group*CH + CH-1.
+        # With CH = C the broadcast mask is read once for all channels and the bounds are per-program
+        # scalars: no per-element division to find the channel or the mask element.
         pid = tl.program_id(0)
+        group = pid // n_blocks
         if IDX64:
-            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        else:
-            offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n_elements
-
-        x_raw = tl.load(x_ptr + offs, mask=valid, other=0.0)
-        x = x_raw.to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=valid, other=0.0)
-        v = tl.load(v_ptr + offs, mask=valid, other=0.0)
-
-        # first moment: torch.lerp(m, g, w1)
-        if LERP_SMALL:
-            m = m + w1 * (g - m)
-        else:
-            m = g - (g - m) * one_minus_w1
-        # second moment: v*b2 + ((1-b2)*g)*g  (torch's mul_ + addcmul_)
-        v = v * beta2 + (one_minus_beta2 * g) * g
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        u = tl.div_rn(neg_step_size * m, denom)
-
+            group = group.to(tl.int64)
+        plane0 = group * CH
+        hw = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+        valid = hw < HW
         if HAS_MASK:
             if MASK_BCAST:
-                chw = C * HW
-                moffs = (offs // chw) * HW + offs % HW
+                mk = tl.load(mask_ptr + (plane0 // C) * HW + hw, mask=valid, other=0).to(tl.float32)
+        for i in tl.static_range(CH):
+            offs = (plane0 + i) * HW + hw
+            x_raw = tl.load(x_ptr + offs, mask=valid, other=0.0)
+            x = x_raw.to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + offs, mask=valid, other=0.0)
+            v = tl.load(v_ptr + offs, mask=valid, other=0.0)
+
+            # first moment: torch.lerp(m, g, w1)
+            if LERP_SMALL:
+                m = m + w1 * (g - m)
             else:
-                moffs = offs
-            mk = tl.load(mask_ptr + moffs, mask=valid, other=0).to(tl.float32)
-            x_new = tl.where(mk != 0.0, x + mk * u, x)
-        else:
-            x_new = x + u
+                m = g - (g - m) * one_minus_w1
+            # second moment: v*b2 + ((1-b2)*g)*g  (torch's mul_ + addcmul_)
+            v = v * beta2 + (one_minus_beta2 * g) * g
+            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+            u = tl.div_rn(neg_step_size * m, denom)
 
-        if HAS_BOUNDS:
-            c = (offs // HW) % C
-            lo = tl.load(lo_ptr + c, mask=valid, other=0.0)
-            hi = tl.load(hi_ptr + c, mask=valid, other=0.0)
-            x_new = tl.minimum(tl.maximum(x_new, lo), hi)
+            if HAS_MASK:
+                if not MASK_BCAST:
+                    mk = tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.float32)
+                x_new = tl.where(mk != 0.0, x + mk * u, x)
+            else:
+                x_new = x + u
 
-        tl.store(m_ptr + offs, m, mask=valid)
-        tl.store(v_ptr + offs, v, mask=valid)
-        tl.store(x_ptr + offs, x_new.to(x_raw.dtype), mask=valid)
+            if HAS_BOUNDS:
+                c = (plane0 + i) % C
+                x_new = tl.minimum(tl.maximum(x_new, tl.load(lo_ptr + c)), tl.load(hi_ptr + c))
+
+            tl.store(m_ptr + offs, m, mask=valid)
+            tl.store(v_ptr + offs, v, mask=valid)
+            tl.store(x_ptr + offs, x_new.to(x_raw.dtype), mask=valid)
 
 
-_BLOCK = 1024
+_BLOCK = 1024  # elements of one plane per program (fewer for small planes)
+_MAX_UNROLL = 8  # images with up to this many channels are handled one image per program
 
 
 def plan_masked_adam(
@@ -242,7 +246,6 @@ def plan_masked_adam(
     write_back = [(x, xs), (exp_avg, ms), (exp_avg_sq, vs)]
     if n == 0:
         return None, write_back
-    HW = n // (N * C)
     gs = grad.contiguous()
 
     has_mask = mask is not None
@@ -260,6 +263,13 @@ def plan_masked_adam(
     b = _bounds_tensors(lo, hi, C, x.device)
     lo_t, hi_t = (b if b is not None else (xs, xs))
 
+    planes, HW, CH = N * C, n // (N * C), C if C <= _MAX_UNROLL else 1
+    if b is None and not bcast:
+        # nothing depends on the channel: one flat plane (no lanes idle on small H*W)
+        planes, HW, CH, C = 1, n, 1, 1
+    block = min(_BLOCK, max(16, triton.next_power_of_2(HW)))
+    n_blocks = triton.cdiv(HW, block)
+
     step = float(step)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -267,11 +277,11 @@ def plan_masked_adam(
     w1 = 1 - beta1
     launch = Launch(
         _masked_adam_kernel,
-        (triton.cdiv(n, _BLOCK),),
-        (xs, gs, ms, vs, mk, lo_t, hi_t, n, C, HW,
+        ((planes // CH) * n_blocks,),
+        (xs, gs, ms, vs, mk, lo_t, hi_t, C, HW, n_blocks,
          w1, 1 - w1, beta2, 1 - beta2, bias_correction2**0.5, eps, -step_size),
-        dict(LERP_SMALL=abs(w1) < 0.5, HAS_MASK=has_mask, MASK_BCAST=bcast, HAS_BOUNDS=b is not None,
-             IDX64=n + _BLOCK >= 2**31, BLOCK=_BLOCK, num_warps=4),
+        dict(CH=CH, LERP_SMALL=abs(w1) < 0.5, HAS_MASK=has_mask, MASK_BCAST=bcast, HAS_BOUNDS=b is not None,
+             IDX64=n + block >= 2**31, BLOCK=block, num_warps=4),
     )
     return launch, write_back
 

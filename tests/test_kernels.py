@@ -1,5 +1,9 @@
-"""Tests of nrrdd.kernels: Triton kernels (through the Triton interpreter on CPU,
-TRITON_INTERPRET=1 is set by conftest.py) against their plain-PyTorch references."""
+"""Tests of nrrdd.kernels: Triton kernels against their plain-PyTorch references.
+
+By default the kernels run through the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set by
+conftest.py); on a GPU machine ``TRITON_INTERPRET=0 pytest tests/test_kernels.py`` compiles them and runs
+the same tests on CUDA tensors (DEV below).  Random data always comes from seeded CPU generators and is
+then moved to DEV, so both runs check the same values."""
 
 from __future__ import annotations
 
@@ -21,9 +25,14 @@ from nrrdd.kernels import (
 from nrrdd.kernels import _backend
 from nrrdd.kernels._backend import resolve_backend, triton_available, triton_interpreting
 
+# Where the Triton paths run: compiled kernels need CUDA tensors, the interpreter takes CPU ones.
+DEV = torch.device("cuda") if (torch.cuda.is_available() and not triton_interpreting()) else torch.device("cpu")
+# Triton can run here: interpreted (on CPU tensors), or compiled with a GPU to run on.
+TRITON_RUNS = triton_available() and (triton_interpreting() or DEV.type == "cuda")
+
 needs_triton = pytest.mark.skipif(
-    not (triton_available() and triton_interpreting()),
-    reason="Triton (interpreter mode) is not available",
+    not TRITON_RUNS,
+    reason="Triton cannot run here: needs triton plus TRITON_INTERPRET=1 (CPU) or a CUDA GPU",
 )
 
 
@@ -84,12 +93,12 @@ def test_backend_triton_needs_cuda_or_interpreter(monkeypatch):
 # ============================================================================
 
 
-def _adam_state(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def _adam_state(shape, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)  # drawn on CPU: the same values on every device
     x = torch.randn(shape, generator=g)
     m = torch.randn(shape, generator=g) * 0.1
     v = torch.rand(shape, generator=g) * 0.1
-    return x, m, v
+    return x.to(device), m.to(device), v.to(device)
 
 
 @needs_triton
@@ -103,11 +112,16 @@ def _adam_state(shape, seed=0):
         ((2, 4, 17, 19), "bool", True),
         ((2, 3, 9, 11), "frac", False),
         ((2, 3, 9, 11), "none", True),
+        ((2, 10, 5, 7), "bcast", True),  # more channels than the kernel unrolls: one plane per program
+        ((2, 10, 5, 7), "full", True),
+        ((3, 1, 6, 5), "bcast", True),  # one channel, per-channel bounds
+        ((4, 3, 1, 1), "bcast", True),  # 1x1 planes
+        ((2, 3, 40, 40), "frac", True),  # planes of 1600: a full block and a partial one
     ],
 )
 def test_masked_adam_triton_matches_reference(shape, mask_kind, bounds):
     N, C, H, W = shape
-    x, m, v = _adam_state(shape)
+    x, m, v = _adam_state(shape, device=DEV)
     gen = torch.Generator().manual_seed(1)
     if mask_kind == "bcast":
         mask = (torch.rand(N, 1, H, W, generator=gen) > 0.5).float()
@@ -120,14 +134,16 @@ def test_masked_adam_triton_matches_reference(shape, mask_kind, bounds):
         mask[mask < 0.3] = 0.0
     else:
         mask = None
+    if mask is not None:
+        mask = mask.to(DEV)
     lo = hi = None
     if bounds:
-        lo = -torch.linspace(0.5, 1.5, C)
-        hi = torch.linspace(0.7, 1.2, C)
+        lo = -torch.linspace(0.5, 1.5, C, device=DEV)
+        hi = torch.linspace(0.7, 1.2, C, device=DEV)
     a = [x.clone(), m.clone(), v.clone()]
     b = [x.clone(), m.clone(), v.clone()]
     for step in range(1, 4):
-        grad = torch.randn(shape, generator=gen)
+        grad = torch.randn(shape, generator=gen).to(DEV)
         kw = dict(step=step, lr=0.1, beta1=0.5, beta2=0.9, eps=1e-8, lo=lo, hi=hi)
         masked_adam_(a[0], grad, mask, a[1], a[2], backend="triton", **kw)
         masked_adam_reference_(b[0], grad, mask, b[1], b[2], **kw)
@@ -151,12 +167,13 @@ def test_masked_adam_critical_pixels_bit_identical(backend):
     x0[0, 0, 0, 0] = -0.0  # signed zero must survive too
     mask = (torch.rand(2, 1, 13, 11, generator=gen) > 0.4).float()
     mask[0, 0, 0, 0] = 0.0
-    lo, hi = torch.full((3,), -1.0), torch.full((3,), 1.0)
+    x0, mask = x0.to(DEV), mask.to(DEV)
+    lo, hi = torch.full((3,), -1.0, device=DEV), torch.full((3,), 1.0, device=DEV)
     x = x0.clone().requires_grad_(True)
     opt = MaskedAdam([x], mask=mask, lr=0.5, betas=(0.5, 0.9), eps=1e-8, bounds=(lo, hi), backend=backend)
     for _ in range(40):
         opt.zero_grad()
-        loss = ((x - 3.0) ** 2).sum() + (x * torch.randn(shape, generator=gen)).sum()
+        loss = ((x - 3.0) ** 2).sum() + (x * torch.randn(shape, generator=gen).to(DEV)).sum()
         loss.backward()
         opt.step()
     keep = (mask == 0).expand(shape)
@@ -172,13 +189,13 @@ def test_masked_adam_critical_pixels_bit_identical(backend):
 def test_masked_adam_bounds_clamp_out_of_bounds_start(backend):
     """Documented: a masked-out pixel that starts outside the box is clamped onto it."""
     shape = (1, 2, 3, 4)
-    x = torch.full(shape, 5.0)
+    x = torch.full(shape, 5.0, device=DEV)
     x[0, 1] = -5.0
     x[0, 0, 0, 0] = 0.25  # in bounds: untouched
-    mask = torch.zeros(1, 1, 3, 4)
-    m, v = torch.zeros(shape), torch.zeros(shape)
-    lo, hi = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0])
-    masked_adam_(x, torch.ones(shape), mask, m, v, step=1, lr=0.1, lo=lo, hi=hi, backend=backend)
+    mask = torch.zeros(1, 1, 3, 4, device=DEV)
+    m, v = torch.zeros(shape, device=DEV), torch.zeros(shape, device=DEV)
+    lo, hi = torch.tensor([-1.0, -2.0], device=DEV), torch.tensor([1.0, 2.0], device=DEV)
+    masked_adam_(x, torch.ones(shape, device=DEV), mask, m, v, step=1, lr=0.1, lo=lo, hi=hi, backend=backend)
     assert x[0, 0, 0, 0].item() == 0.25
     assert (x[0, 0].flatten()[1:] == 1.0).all()
     assert (x[0, 1] == -2.0).all()
@@ -221,10 +238,10 @@ def test_masked_adam_equals_torch_adam(mask_kind):
 def test_masked_adam_optimizer_triton_vs_reference_and_set_mask():
     shape = (2, 3, 8, 9)
     gen = torch.Generator().manual_seed(7)
-    x0 = torch.randn(shape, generator=gen)
-    m1 = (torch.rand(2, 1, 8, 9, generator=gen) > 0.5).float()
-    m2 = (torch.rand(2, 1, 8, 9, generator=gen) > 0.5).float()
-    lo, hi = torch.tensor([-2.0, -1.5, -1.0]), torch.tensor([2.0, 1.5, 1.0])
+    x0 = torch.randn(shape, generator=gen).to(DEV)
+    m1 = (torch.rand(2, 1, 8, 9, generator=gen) > 0.5).float().to(DEV)
+    m2 = (torch.rand(2, 1, 8, 9, generator=gen) > 0.5).float().to(DEV)
+    lo, hi = torch.tensor([-2.0, -1.5, -1.0], device=DEV), torch.tensor([2.0, 1.5, 1.0], device=DEV)
     xs = {}
     for be in ("torch", "triton"):
         x = x0.clone().requires_grad_(True)
@@ -235,7 +252,7 @@ def test_masked_adam_optimizer_triton_vs_reference_and_set_mask():
             if it == 5:
                 opt.set_mask(m2)
             opt.zero_grad()
-            (x * torch.randn(shape, generator=g)).sum().backward()
+            (x * torch.randn(shape, generator=g).to(DEV)).sum().backward()
             opt.step()
             sched.step()
         xs[be] = x.detach()
@@ -257,8 +274,8 @@ def test_masked_adam_rejects_bad_shapes():
 # ============================================================================
 
 
-def _dbr_inputs(B, C, dtype=torch.float32, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
+def _dbr_inputs(B, C, dtype=torch.float32, seed=0, scale=3.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)  # drawn on CPU: the same values on every device
     logits = (torch.randn(B, C, generator=g) * scale).to(dtype)
     y_org = torch.randint(0, C, (B,), generator=g)
     y_aug = torch.randint(0, C, (B,), generator=g)
@@ -267,7 +284,7 @@ def _dbr_inputs(B, C, dtype=torch.float32, seed=0, scale=3.0):
     lam = torch.rand(B, generator=g)
     d_org_t = torch.rand(B, generator=g) * 4
     d_aug_t = torch.rand(B, generator=g) * 4
-    return logits, y_org, y_aug, lam, d_org_t, d_aug_t
+    return tuple(t.to(device) for t in (logits, y_org, y_aug, lam, d_org_t, d_aug_t))
 
 
 DBR_SHAPES = [(1, 1), (1, 7), (4, 1), (3, 3), (5, 1000), (4, 1001), (2, 21841)]
@@ -277,7 +294,7 @@ DBR_SHAPES = [(1, 1), (1, 7), (4, 1), (3, 3), (5, 1000), (4, 1001), (2, 21841)]
 @pytest.mark.parametrize("B,C", DBR_SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_dbr_distances_triton(B, C, temperature):
-    logits, yo, ya, *_ = _dbr_inputs(B, C)
+    logits, yo, ya, *_ = _dbr_inputs(B, C, device=DEV)
     d1 = dbr_distances(logits, yo, ya, temperature, backend="triton")
     d2 = dbr_distances_reference(logits, yo, ya, temperature)
     for a, b in zip(d1, d2):
@@ -294,7 +311,7 @@ def test_dbr_distances_reference_is_cross_entropy():
 
 
 def _check_loss_and_grad(B, C, lam_kind, distance, reduction, temperature, alpha=0.7, seed=0):
-    logits, yo, ya, lam, to, ta = _dbr_inputs(B, C, seed=seed)
+    logits, yo, ya, lam, to, ta = _dbr_inputs(B, C, seed=seed, device=DEV)
     lam_arg = lam if lam_kind == "row" else 0.3
     z1 = logits.clone().requires_grad_(True)
     z2 = logits.clone().requires_grad_(True)
@@ -303,7 +320,7 @@ def _check_loss_and_grad(B, C, lam_kind, distance, reduction, temperature, alpha
     l2 = dbr_loss_reference(z2, yo, ya, lam_arg, to, ta, **kw)
     assert l1.dtype == torch.float32 and l1.shape == l2.shape
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
-    up = torch.randn(l2.shape, generator=torch.Generator().manual_seed(9)) if reduction == "none" else None
+    up = torch.randn(l2.shape, generator=torch.Generator().manual_seed(9)).to(DEV) if reduction == "none" else None
     (l1 if up is None else l1 * up).sum().backward()
     (l2 if up is None else l2 * up).sum().backward()
     torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-5, atol=1e-6)
@@ -315,6 +332,32 @@ def _check_loss_and_grad(B, C, lam_kind, distance, reduction, temperature, alpha
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_dbr_loss_triton_shapes(B, C, distance, reduction):
     _check_loss_and_grad(B, C, "row", distance, reduction, temperature=1.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("C,width,align", [(1000, 1008, 8), (1000, 1003, 1), (12, 16, 4), (6, 6, 2)])
+def test_dbr_rows_with_a_stride_other_than_c(C, width, align):
+    """Logits that are a column slice of a wider tensor (row stride != C): the kernel's alignment hint
+    (the largest power of two up to 16 dividing C and the row stride) must not assume more."""
+    from nrrdd.kernels.dbr import _align
+
+    assert _align(C, width) == align
+    B = 3
+    wide, yo, ya, lam, to, ta = _dbr_inputs(B, width, seed=12, device=DEV)
+    yo, ya = yo % C, ya % C
+    z1 = wide[:, :C].detach().requires_grad_(False)
+    assert z1.stride(0) == width
+    for a, b in zip(dbr_distances(z1, yo, ya, backend="triton"), dbr_distances_reference(z1, yo, ya)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    zw = wide.clone().requires_grad_(True)
+    z2 = wide[:, :C].clone().requires_grad_(True)
+    l1 = dbr_loss(zw[:, :C], yo, ya, lam, to, ta, distance="l2", backend="triton")
+    l2 = dbr_loss_reference(z2, yo, ya, lam, to, ta, distance="l2")
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(zw.grad[:, :C], z2.grad, rtol=1e-5, atol=1e-6)
+    assert (zw.grad[:, C:] == 0).all()
 
 
 @needs_triton
@@ -336,7 +379,7 @@ def test_dbr_loss_triton_large_c(distance):
 @pytest.mark.parametrize("C", [1000, 21841])
 def test_dbr_loss_triton_half(dtype, C):
     B = 2
-    logits, yo, ya, lam, to, ta = _dbr_inputs(B, C, dtype=dtype, seed=2)
+    logits, yo, ya, lam, to, ta = _dbr_inputs(B, C, dtype=dtype, seed=2, device=DEV)
     z1 = logits.clone().requires_grad_(True)
     z2 = logits.float().requires_grad_(True)  # exact (fp32) gradient of the same values
     d1 = dbr_distances(logits, yo, ya, backend="triton")
@@ -394,8 +437,8 @@ def test_dbr_op_torch_path_matches_reference(distance):
 
 def test_dbr_l1_gradient_at_zero_is_sign():
     """dist'(0) = 0 for l1, as torch.abs."""
-    logits, yo, ya, lam, _, _ = _dbr_inputs(3, 6, seed=8)
-    backends = ["torch"] + (["triton"] if triton_available() and triton_interpreting() else [])
+    logits, yo, ya, lam, _, _ = _dbr_inputs(3, 6, seed=8, device=DEV)
+    backends = ["torch"] + (["triton"] if TRITON_RUNS else [])
     grads = []
     for be in backends:
         # targets from the same backend: d - d_t is exactly 0
@@ -404,14 +447,15 @@ def test_dbr_l1_gradient_at_zero_is_sign():
         dbr_loss(z, yo, ya, lam, d_org, d_aug, alpha=1.0, backend=be).backward()
         grads.append(z.grad)
     z = logits.clone().requires_grad_(True)
-    dbr_loss_reference(z, yo, ya, lam, torch.zeros(3), torch.zeros(3), alpha=0.0).backward()  # alpha term has zero grad
+    zeros = torch.zeros(3, device=DEV)
+    dbr_loss_reference(z, yo, ya, lam, zeros, zeros, alpha=0.0).backward()  # alpha term has zero grad
     for g in grads:
         torch.testing.assert_close(g, z.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_dbr_module_and_no_grad(backend):
-    logits, yo, ya, lam, to, ta = _dbr_inputs(3, 9, seed=3)
+    logits, yo, ya, lam, to, ta = _dbr_inputs(3, 9, seed=3, device=DEV)
     crit = DBRLoss(alpha=0.5, temperature=2.0, distance="l2", reduction="sum", backend=backend)
     z = logits.clone().requires_grad_(True)
     out = crit(z, yo, ya, lam, to, ta)
@@ -427,9 +471,9 @@ def test_dbr_module_and_no_grad(backend):
 
 
 def test_dbr_opcheck():
-    logits, yo, ya, lam, to, ta = _dbr_inputs(4, 10, seed=2)
+    logits, yo, ya, lam, to, ta = _dbr_inputs(4, 10, seed=2, device=DEV)
     z = logits.clone().requires_grad_(True)
-    flags = [False] + ([True] if triton_available() and triton_interpreting() else [])
+    flags = [False] + ([True] if TRITON_RUNS else [])
     for use_triton in flags:
         for squared in (False, True):
             torch.library.opcheck(
@@ -448,9 +492,9 @@ def test_dbr_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
     B, D, C = 4, 8, 10
-    model = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.ReLU(), torch.nn.Linear(16, C))
-    logits, yo, ya, lam, to, ta = _dbr_inputs(B, C, seed=5)
-    inp = torch.randn(B, D)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.ReLU(), torch.nn.Linear(16, C)).to(DEV)
+    logits, yo, ya, lam, to, ta = _dbr_inputs(B, C, seed=5, device=DEV)
+    inp = torch.randn(B, D).to(DEV)
 
     def student_step(inp, yo, ya, lam, to, ta):
         out = model(inp)
@@ -475,19 +519,19 @@ def test_masked_adam_op_opcheck_and_compiles_without_graph_break():
     v), so a compiled refinement step keeps it in one graph, with the reference's result."""
     g = torch.Generator().manual_seed(0)
     shape = (2, 3, 5, 6)
-    x, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    mask = (torch.rand(2, 1, 5, 6, generator=g) > 0.4).float()
-    lo, hi = torch.full((3,), -1.0), torch.full((3,), 1.0)
-    args = (x.clone(), grad, mask, torch.zeros(shape), torch.zeros(shape), 1.0, 0.1, 0.5, 0.9, 1e-8, lo, hi)
+    x, grad = torch.randn(shape, generator=g).to(DEV), torch.randn(shape, generator=g).to(DEV)
+    mask = (torch.rand(2, 1, 5, 6, generator=g) > 0.4).float().to(DEV)
+    lo, hi = torch.full((3,), -1.0, device=DEV), torch.full((3,), 1.0, device=DEV)
+    args = (x.clone(), grad, mask, torch.zeros_like(x), torch.zeros_like(x), 1.0, 0.1, 0.5, 0.9, 1e-8, lo, hi)
     torch.library.opcheck(torch.ops.nrrdd.masked_adam_triton_.default, args)
 
     def step(x, m, v):
         masked_adam_(x, grad, mask, m, v, step=1, lr=0.1, lo=lo, hi=hi, backend="triton")
         return x * 2
 
-    ref = [x.clone(), torch.zeros(shape), torch.zeros(shape)]
+    ref = [x.clone(), torch.zeros_like(x), torch.zeros_like(x)]
     masked_adam_(ref[0], grad, mask, ref[1], ref[2], step=1, lr=0.1, lo=lo, hi=hi, backend="torch")
-    got = [x.clone(), torch.zeros(shape), torch.zeros(shape)]
+    got = [x.clone(), torch.zeros_like(x), torch.zeros_like(x)]
     out = torch.compile(step, fullgraph=True)(*got)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
