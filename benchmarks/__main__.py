@@ -26,9 +26,9 @@ from nrrdd.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SUITES = ("kernels", "loaders", "stages", "dist")
+SUITES = ("kernels", "sass", "loaders", "stages", "dist")
 # Extra arguments of each suite in quick mode (bench_loaders has no --quick: fewer images and passes instead).
-QUICK_ARGS = {"kernels": ["--quick"], "loaders": ["--copies", "5", "--repeats", "2"], "stages": ["--quick"],
+QUICK_ARGS = {"kernels": ["--quick"], "sass": ["--quick"], "loaders": ["--copies", "5", "--repeats", "2"], "stages": ["--quick"],
               "dist": ["--quick"]}
 
 

@@ -3,7 +3,10 @@
 
 * ``torch-eager``   : the plain PyTorch reference;
 * ``torch-compile`` : the same reference through ``torch.compile`` (Inductor);
-* ``triton``        : the fused Triton kernel (CUDA only).
+* ``triton``        : the fused Triton kernel (CUDA only);
+* ``triton-prev``   : with ``--prev-kernels DIR``, the kernels of an earlier version (a copy of its
+  ``kernels/`` folder, e.g. ``git archive REV kernels | tar -x -C /tmp/prev``), timed in the same run
+  as the current ones: a kernel change measured before and after, side by side (CUDA only).
 
 Ops and sizes (full run): masked Adam on the refinement batch 100 x 3 x 224 x 224 with a
 [N, 1, H, W] mask and per-channel bounds; DBR loss forward+backward and DBR distances
@@ -71,6 +74,28 @@ def time_fn(fn, device: torch.device, reps: int, warmup: int, setup=None) -> lis
     return times
 
 
+def load_prev_kernels(folder: str | Path):
+    """An earlier version's ``kernels/`` folder as the package ``nrrdd_prev_kernels``, its operators
+    renamed to the namespace ``nrrdd_prev`` so that they do not collide with the current ones."""
+    import importlib
+    import importlib.util
+    import tempfile
+
+    src = Path(folder)
+    if (src / "kernels").is_dir():
+        src = src / "kernels"
+    tmp = Path(tempfile.mkdtemp(prefix="nrrdd_prev_kernels_"))
+    for f in src.glob("*.py"):
+        text = f.read_text().replace('"nrrdd::', '"nrrdd_prev::').replace("torch.ops.nrrdd.", "torch.ops.nrrdd_prev.")
+        (tmp / f.name).write_text(text)
+    name = "nrrdd_prev_kernels"
+    spec = importlib.util.spec_from_file_location(name, tmp / "__init__.py", submodule_search_locations=[str(tmp)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return importlib.import_module(f"{name}.masked_adam"), importlib.import_module(f"{name}.dbr")
+
+
 # ----------------------------------------------------------------------------
 # context
 # ----------------------------------------------------------------------------
@@ -129,7 +154,7 @@ def bench_copy(rec: KernelRecorder, device, nbytes: int, reps: int, warmup: int)
     return best
 
 
-def bench_masked_adam(rec: KernelRecorder, device, shape, reps, warmup, copy_gbs, providers):
+def bench_masked_adam(rec: KernelRecorder, device, shape, reps, warmup, copy_gbs, providers, prev=None):
     N, C, H, W = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
@@ -150,6 +175,8 @@ def bench_masked_adam(rec: KernelRecorder, device, shape, reps, warmup, copy_gbs
         fns["torch-compile"] = lambda: compiled(x, g, mask, m, v, **kw)
     if "triton" in providers:
         fns["triton"] = lambda: masked_adam_triton_(x, g, mask, m, v, **kw)
+        if prev is not None:
+            fns["triton-prev"] = lambda: prev[0].masked_adam_triton_(x, g, mask, m, v, **kw)
     for prov, fn in fns.items():
         if prov not in providers:
             continue
@@ -160,7 +187,7 @@ def bench_masked_adam(rec: KernelRecorder, device, shape, reps, warmup, copy_gbs
               f"({time.perf_counter() - t0:.1f} s incl. warm-up/compile)", file=sys.stderr)
 
 
-def bench_dbr(rec: KernelRecorder, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.float32):
+def bench_dbr(rec: KernelRecorder, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.float32, prev=None):
     gen = torch.Generator(device="cpu").manual_seed(1)
     logits0 = (torch.randn(B, C, generator=gen) * 3).to(device=device, dtype=dtype)
     yo = torch.randint(0, C, (B,), generator=gen).to(device)
@@ -193,6 +220,9 @@ def bench_dbr(rec: KernelRecorder, device, B, C, reps, warmup, copy_gbs, provide
     if "triton" in providers:
         fwdbwd["triton"] = fb(lambda *a, **k: dbr_loss(*a, backend="triton", **k))
         fwd["triton"] = lambda: dbr_distances(logits0, yo, ya, 1.0, backend="triton")
+        if prev is not None:
+            fwdbwd["triton-prev"] = fb(lambda *a, **k: prev[1].dbr_loss(*a, backend="triton", **k))
+            fwd["triton-prev"] = lambda: prev[1].dbr_distances(logits0, yo, ya, 1.0, backend="triton")
 
     for prov, fn in fwdbwd.items():
         if prov not in providers:
@@ -220,6 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default="torch-eager,torch-compile,triton",
                     help="comma-separated subset of torch-eager,torch-compile,triton")
     ap.add_argument("--half", action="store_true", help="also time DBR with bf16 logits")
+    ap.add_argument("--prev-kernels", default=None, help="an earlier version's kernels/ folder: adds triton-prev")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,14 +270,19 @@ def main(argv=None) -> int:
         adam_shape = (100, 3, 224, 224)
         dbr_cfgs = [(256, 1000), (256, 21841)]
 
+    prev = None
+    if args.prev_kernels and "triton" in providers:
+        prev = load_prev_kernels(args.prev_kernels)
+        providers.add("triton-prev")
+
     rec = KernelRecorder(device)
     t0 = time.perf_counter()
     copy_gbs = bench_copy(rec, device, copy_bytes, max(reps, 5), warmup)
-    bench_masked_adam(rec, device, adam_shape, reps, warmup, copy_gbs, providers)
+    bench_masked_adam(rec, device, adam_shape, reps, warmup, copy_gbs, providers, prev)
     for B, C in dbr_cfgs:
-        bench_dbr(rec, device, B, C, reps, warmup, copy_gbs, providers)
+        bench_dbr(rec, device, B, C, reps, warmup, copy_gbs, providers, prev=prev)
         if args.half:
-            bench_dbr(rec, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.bfloat16)
+            bench_dbr(rec, device, B, C, reps, warmup, copy_gbs, providers, dtype=torch.bfloat16, prev=prev)
     rec.print_table(copy_gbs)
     out = Path(args.out)
     rec.write_csv(out)

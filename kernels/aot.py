@@ -65,12 +65,14 @@ class Report:
     local_bytes: int  # register spills, per thread
     stack_bytes: int  # call frames (the slow paths of IEEE division and square root), per thread
     shared_bytes: int
-    sass_instructions: int
+    sass_instructions: int  # all of the kernel's code
+    main_instructions: int  # without the subroutines it calls (slow paths of IEEE division and square root)
     loads: dict = field(default_factory=dict)  # "LDG.E.128" -> count
     stores: dict = field(default_factory=dict)
     has_loop: bool = False
     load_bytes_per_element: float | None = None  # straight-line kernels only
     store_bytes_per_element: float | None = None
+    instructions_per_element: float | None = None  # main_instructions per element
     min_bytes_per_element: float | None = None
 
 
@@ -150,6 +152,11 @@ def analyse(variant: Variant, arch: int) -> Report:
     regs, stack, shared, local = map(int, res.groups())
     sass = [ln for ln in _cuobjdump(cubin, "-sass").splitlines() if ln.strip()]
     instr = [ln for ln in sass if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
+    # subroutines (CALL targets) sit after the kernel's body; they run only for rare operands
+    calls = [int(c, 16) for c in re.findall(r"CALL\.REL(?:\.NOINC)?\s+(0x[0-9a-f]+)", "\n".join(instr))]
+    first_sub = min(calls) if calls else None
+    main = [ln for ln in instr
+            if first_sub is None or int(re.match(r"\s*/\*([0-9a-f]{4,})\*/", ln).group(1), 16) < first_sub]
     loads, stores = Counter(), Counter()
     ld_bytes = st_bytes = 0
     for ln in instr:
@@ -168,7 +175,7 @@ def analyse(variant: Variant, arch: int) -> Report:
     rep = Report(
         variant=variant.name, kernel=ck.name, arch=int(arch), num_warps=warps, registers=regs,
         local_bytes=local, stack_bytes=stack, shared_bytes=max(shared, int(ck.metadata.shared)),
-        sass_instructions=len(instr), loads=dict(sorted(loads.items())), stores=dict(sorted(stores.items())),
+        sass_instructions=len(instr), main_instructions=len(main), loads=dict(sorted(loads.items())), stores=dict(sorted(stores.items())),
         has_loop=loop,
     )
     if variant.elements:
@@ -181,6 +188,7 @@ def analyse(variant: Variant, arch: int) -> Report:
             per = threads * programs / variant.elements
             rep.load_bytes_per_element = ld_bytes * per
             rep.store_bytes_per_element = st_bytes * per
+            rep.instructions_per_element = len(main) * per
     return rep
 
 
@@ -262,9 +270,9 @@ def _fmt_mem(c: dict) -> str:
 
 
 def print_table(reports: list[Report], file=sys.stdout) -> None:
-    hdr = ("variant", "sm", "warps", "regs", "spill", "stack", "smem", "instr", "B/elem ld+st (min)", "loads",
-           "stores")
-    fmt = "{:<50} {:>3} {:>5} {:>4} {:>5} {:>5} {:>5} {:>5}  {:<18} {:<30} {}"
+    hdr = ("variant", "sm", "warps", "regs", "spill", "stack", "smem", "instr", "main", "B/elem ld+st (min)",
+           "loads", "stores")
+    fmt = "{:<50} {:>3} {:>5} {:>4} {:>5} {:>5} {:>5} {:>5} {:>5}  {:<18} {:<30} {}"
     print(fmt.format(*hdr), file=file)
     print("-" * 170, file=file)
     for r in reports:
@@ -273,7 +281,7 @@ def print_table(reports: list[Report], file=sys.stdout) -> None:
         else:
             bpe = "loop"
         print(fmt.format(r.variant, r.arch, r.num_warps, r.registers, r.local_bytes, r.stack_bytes, r.shared_bytes,
-                         r.sass_instructions, bpe, _fmt_mem(r.loads), _fmt_mem(r.stores)), file=file)
+                         r.sass_instructions, r.main_instructions, bpe, _fmt_mem(r.loads), _fmt_mem(r.stores)), file=file)
 
 
 def main(argv=None) -> int:

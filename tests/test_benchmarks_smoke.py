@@ -43,3 +43,41 @@ def test_dist_benchmark_runs_one_and_two_processes(tmp_path):
     got = {(r["name"], r["provider"], r["metric"]) for r in rows}
     assert ("dist_refine", "1proc", "throughput") in got and ("dist_refine", "2proc", "speedup") in got
     assert all(float(r["median"]) > 0 for r in rows)
+
+
+def test_sass_benchmark_rows(tmp_path):
+    """Compiled for sm_90 here: the masked Adam rows carry the bytes its memory instructions request per
+    element next to the minimum (the fused kernel requests less than 5% more)."""
+    pytest.importorskip("triton")
+    rows = _run(["benchmarks.bench_sass", "--only", "masked_adam 100x3x224x224 mask[N,1] fp32 +bounds"],
+                tmp_path / "k.csv")
+    got = {r["metric"]: float(r["median"]) for r in rows if r["provider"] == "triton-sm90" and "int64" not in r["shape"]}
+    assert got["spill"] == 0 and got["registers"] > 0
+    assert got["min_bytes"] <= got["requested_bytes"] <= 1.05 * got["min_bytes"]
+
+
+def test_prev_kernels_load_beside_the_current_ones():
+    """bench_kernels --prev-kernels: an earlier kernels/ folder loads as a second package whose operators live
+    in the namespace nrrdd_prev, and runs beside the current one (here the current folder itself, through the
+    Triton interpreter: the same bits)."""
+    import torch
+
+    from nrrdd.kernels._backend import triton_available, triton_interpreting
+
+    if not (triton_available() and triton_interpreting()):
+        pytest.skip("needs the Triton interpreter")
+    from benchmarks.bench_kernels import load_prev_kernels
+    from nrrdd.kernels import dbr_loss, masked_adam_
+
+    prev_adam, prev_dbr = load_prev_kernels(ROOT / "kernels")
+    assert prev_dbr.__name__ == "nrrdd_prev_kernels.dbr" and hasattr(torch.ops.nrrdd_prev, "dbr_loss_rows")
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(2, 3, 5, 6, generator=g), torch.randn(2, 3, 5, 6, generator=g)
+    mask = (torch.rand(2, 1, 5, 6, generator=g) > 0.5).float()
+    a = [x.clone(), torch.zeros_like(x), torch.zeros_like(x)]
+    b = [x.clone(), torch.zeros_like(x), torch.zeros_like(x)]
+    masked_adam_(*a[:1], grad, mask, *a[1:], step=1, lr=0.1, backend="triton")
+    prev_adam.masked_adam_(*b[:1], grad, mask, *b[1:], step=1, lr=0.1, backend="triton")
+    assert all(torch.equal(p, q) for p, q in zip(a, b)) and not torch.equal(a[0], x)
+    z, y, f = torch.randn(3, 10, generator=g), torch.tensor([1, 2, 3]), torch.rand(3, generator=g)
+    assert torch.equal(dbr_loss(z, y, y, f, f, f, backend="triton"), prev_dbr.dbr_loss(z, y, y, f, f, f, backend="triton"))

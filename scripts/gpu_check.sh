@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, as one command of about 6 minutes (a lent GPU comes with 15 minutes in all).
+#
+#   here, where git is:  mkdir -p .gpu_prev && git archive 97f6248 kernels | tar -x -C .gpu_prev
+#                        (the kernels before the SASS-guided change of 2026-11-29; .gpu_prev is git-ignored)
+#   on the GPU machine:  OUT=/some/dir bash scripts/gpu_check.sh [.gpu_prev]
+#
+# 1. tests/test_kernels.py compiled for and run on the GPU (TRITON_INTERPRET=0), against the references;
+# 2. benchmarks.bench_kernels at full size (masked Adam 100x3x224x224, DBR B 256 x C 1000 / 21841, fp32 and bf16):
+#    eager and compiled references, the Triton kernels and, given a previous kernels folder, the previous
+#    kernels in the same run (provider triton-prev);
+# BENCH_ARGS replaces --half (e.g. "--quick" for a smoke run on a CPU).
+# Everything lands in $OUT (logs, the CSV, summary.txt). The machine has torch and triton but nothing can be
+# installed there, so the package is put on PYTHONPATH as links instead of pip-installed.
+set -uo pipefail
+OUT=${OUT:-gpu_check}
+PREV=${1:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+ROOT=$(pwd)
+
+note() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/gpu.txt"
+
+# nrrdd and nrrdd.kernels (the folder kernels/) as a package, by links
+SITE=$(mktemp -d)
+mkdir -p "$SITE/nrrdd"
+for f in "$ROOT"/nrrdd/*.py; do ln -s "$f" "$SITE/nrrdd/"; done
+ln -s "$ROOT/kernels" "$SITE/nrrdd/kernels"
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import nrrdd.kernels, nrrdd.cli" || { note "nrrdd does not import"; exit 1; }
+
+t0=$SECONDS
+TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 \
+  | tee "$OUT/test_kernels.log" | tail -15
+note "test_kernels on the GPU: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s: $(tail -1 "$OUT/test_kernels.log")"
+
+t0=$SECONDS
+timeout 360 python3 -m benchmarks.bench_kernels ${BENCH_ARGS:---half} --out "$OUT/kernels_cuda.csv" \
+  ${PREV:+--prev-kernels "$PREV"} 2>&1 | tee "$OUT/bench_kernels.log" | tail -45
+note "bench_kernels: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+cat "$OUT/summary.txt"
