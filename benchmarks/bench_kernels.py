@@ -77,20 +77,29 @@ def time_fn(fn, device: torch.device, reps: int, warmup: int, setup=None) -> lis
 def load_prev_kernels(folder: str | Path):
     """An earlier version's ``kernels/`` folder as the package ``nrrdd_prev_kernels``, its operators
     renamed to the namespace ``nrrdd_prev`` so that they do not collide with the current ones."""
+    import atexit
     import importlib
     import importlib.util
+    import shutil
     import tempfile
 
     src = Path(folder)
     if (src / "kernels").is_dir():
         src = src / "kernels"
+    name = "nrrdd_prev_kernels"
+    if name in sys.modules:  # its operators are registered for the life of the process: load once
+        if sys.modules[name].__nrrdd_prev_source__ != str(src.resolve()):
+            raise RuntimeError(f"previous kernels were loaded from {sys.modules[name].__nrrdd_prev_source__}; "
+                               f"one folder per process ({src})")
+        return importlib.import_module(f"{name}.masked_adam"), importlib.import_module(f"{name}.dbr")
     tmp = Path(tempfile.mkdtemp(prefix="nrrdd_prev_kernels_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     for f in src.glob("*.py"):
         text = f.read_text().replace('"nrrdd::', '"nrrdd_prev::').replace("torch.ops.nrrdd.", "torch.ops.nrrdd_prev.")
         (tmp / f.name).write_text(text)
-    name = "nrrdd_prev_kernels"
     spec = importlib.util.spec_from_file_location(name, tmp / "__init__.py", submodule_search_locations=[str(tmp)])
     mod = importlib.util.module_from_spec(spec)
+    mod.__nrrdd_prev_source__ = str(src.resolve())
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return importlib.import_module(f"{name}.masked_adam"), importlib.import_module(f"{name}.dbr")

@@ -38,9 +38,12 @@ from ._backend import Launch, triton_available, triton_interpreting
 
 ARCHS = (80, 90, 100)
 
-_MEM_RE = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
-_LABEL_RE = re.compile(r"^\s*(\w+):\s*$")
-_BRA_RE = re.compile(r"\bBRA\s+`?\(?(\w+)")
+# LDG/STG with their suffixes, not LDGSTS / LDGDEPBAR (async copies to shared memory)
+_MEM_RE = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)(?![\w])")
+_ADDR_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/")
+# a branch and its target address, in cuobjdump's raw SASS: "@!P0 BRA 0x9f0", "BRA.U !UP0, 0x2e0"
+_BRA_RE = re.compile(r"\bBRA(?:\.[A-Z]+)*\s+(?:[!@A-Z0-9]+\s*,\s*)?`?\(?(0x[0-9a-f]+)")
+_CALL_RE = re.compile(r"\bCALL\.REL(?:\.NOINC)?\s+(0x[0-9a-f]+)")
 _RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -67,6 +70,7 @@ class Report:
     shared_bytes: int
     sass_instructions: int  # all of the kernel's code
     main_instructions: int  # without the subroutines it calls (slow paths of IEEE division and square root)
+    i32_index_arithmetic: int = 0  # 64-bit-offset launches only: 32-bit integer ops on program-id values
     loads: dict = field(default_factory=dict)  # "LDG.E.128" -> count
     stores: dict = field(default_factory=dict)
     has_loop: bool = False
@@ -78,12 +82,12 @@ class Report:
 
 def _width(suffix: str) -> int:
     """Bytes moved by one thread's LDG/STG with these suffixes (.E.128 -> 16, .E.U16 -> 2, .E -> 4)."""
-    for s in suffix.split("."):
-        if s in ("128", "64"):
-            return int(s) // 8
-        if s in ("U16", "S16"):
+    for part in suffix.split("."):
+        if part in ("256", "128", "64"):
+            return int(part) // 8
+        if part in ("U16", "S16"):
             return 2
-        if s in ("U8", "S8"):
+        if part in ("U8", "S8"):
             return 1
     return 4
 
@@ -128,18 +132,56 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
     return out.stdout
 
 
-def _has_loop(lines: list[str]) -> bool:
-    """A branch back to an earlier label, other than the end-of-kernel trap (``L: BRA L;``)."""
-    seen: dict[str, int] = {}
-    for i, line in enumerate(lines):
-        m = _LABEL_RE.match(line)
-        if m:
-            seen[m.group(1)] = i
-            continue
+def _sass_body(instr: list[str]) -> tuple[list[str], bool]:
+    """(the kernel's own code, whether it loops), from cuobjdump's SASS lines with their addresses.
+
+    Left out: the subroutines it calls (each from a CALL target to its RET: the slow paths of IEEE division
+    and square root, run only for rare operands; ptxas also uses CALL as a plain jump, with no RET) and what follows the end-of-kernel trap (a branch to
+    itself). A loop is a branch back to an address before its own."""
+    addrs = [int(_ADDR_RE.match(line).group(1), 16) for line in instr]
+    skip = [False] * len(instr)
+    for t in {int(c, 16) for line in instr for c in _CALL_RE.findall(line)}:
+        start = addrs.index(t) if t in addrs else len(instr)
+        for end in range(start, len(instr)):
+            if re.search(r"\bRET\b", instr[end]):  # a subroutine; a CALL that never returns is a jump
+                skip[start:end + 1] = [True] * (end + 1 - start)
+                break
+    main, loop = [], False
+    for line, addr, sub in zip(instr, addrs, skip):
         b = _BRA_RE.search(line)
-        if b and b.group(1) in seen and seen[b.group(1)] != i - 1:
-            return True
-    return False
+        target = int(b.group(1), 16) if b else None
+        if target == addr:          # the trap: the kernel's code is over
+            break
+        if sub:
+            continue
+        main.append(line)
+        if target is not None and target < addr:
+            loop = True
+    return main, loop
+
+
+_DEF_RE = re.compile(r"^\s*(%[\w]+)(?::\d+)?\s*=\s*([\w.]+)\s+(.*)$")
+
+
+def _i32_program_id_arithmetic(ttir: str) -> int:
+    """32-bit integer multiplies, adds and subtractions on values derived from the program id, in Triton's IR.
+
+    A launch for tensors of 2**31 elements or more must compute every offset in 64 bits: one such op can
+    wrap an offset (as the flat path's block offset did before it widened the program id first)."""
+    tainted: set[str] = set()
+    bad = 0
+    for line in ttir.splitlines():
+        m = _DEF_RE.match(line)
+        if not m:
+            continue
+        name, op, rest = m.groups()
+        rest = rest.split(" loc(")[0]
+        uses = set(re.findall(r"%[\w]+", rest))
+        if op == "tt.get_program_id" or uses & tainted:
+            tainted.add(name)
+            if op in ("arith.muli", "arith.addi", "arith.subi") and re.search(r"\bi32\b|xi32>", rest):
+                bad += 1
+    return bad
 
 
 def analyse(variant: Variant, arch: int) -> Report:
@@ -150,16 +192,11 @@ def analyse(variant: Variant, arch: int) -> Report:
     if res is None:
         raise RuntimeError("nrrdd.kernels.aot: could not read the resource usage of the cubin")
     regs, stack, shared, local = map(int, res.groups())
-    sass = [ln for ln in _cuobjdump(cubin, "-sass").splitlines() if ln.strip()]
-    instr = [ln for ln in sass if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
-    # subroutines (CALL targets) sit after the kernel's body; they run only for rare operands
-    calls = [int(c, 16) for c in re.findall(r"CALL\.REL(?:\.NOINC)?\s+(0x[0-9a-f]+)", "\n".join(instr))]
-    first_sub = min(calls) if calls else None
-    main = [ln for ln in instr
-            if first_sub is None or int(re.match(r"\s*/\*([0-9a-f]{4,})\*/", ln).group(1), 16) < first_sub]
+    instr = [ln for ln in _cuobjdump(cubin, "-sass").splitlines() if _ADDR_RE.match(ln)]
+    main, loop = _sass_body(instr)
     loads, stores = Counter(), Counter()
     ld_bytes = st_bytes = 0
-    for ln in instr:
+    for ln in main:
         m = _MEM_RE.search(ln)
         if m:
             op = m.group(1) + m.group(2)
@@ -168,15 +205,13 @@ def analyse(variant: Variant, arch: int) -> Report:
                 ld_bytes += _width(m.group(2))
             else:
                 st_bytes += _width(m.group(2))
-    from triton.tools.disasm import get_sass
-
-    loop = _has_loop(get_sass(cubin).splitlines())
+    i32_mul = _i32_program_id_arithmetic(ck.asm["ttir"]) if variant.launch.meta.get("IDX64") else 0
     warps = int(variant.launch.meta.get("num_warps", 4))
     rep = Report(
         variant=variant.name, kernel=ck.name, arch=int(arch), num_warps=warps, registers=regs,
         local_bytes=local, stack_bytes=stack, shared_bytes=max(shared, int(ck.metadata.shared)),
-        sass_instructions=len(instr), main_instructions=len(main), loads=dict(sorted(loads.items())), stores=dict(sorted(stores.items())),
-        has_loop=loop,
+        sass_instructions=len(instr), main_instructions=len(main), i32_index_arithmetic=i32_mul,
+        loads=dict(sorted(loads.items())), stores=dict(sorted(stores.items())), has_loop=loop,
     )
     if variant.elements:
         rep.min_bytes_per_element = variant.min_bytes / variant.elements
@@ -198,31 +233,46 @@ def analyse(variant: Variant, arch: int) -> Report:
 
 
 def masked_adam_variants(shape=(100, 3, 224, 224)) -> list[Variant]:
-    """Refinement's step on one batch (100 images of 224 px, RGB) and the other launcher branches."""
+    """Refinement's step on one batch (100 images of 224 px, RGB), the other launcher branches, and the
+    shapes that take other paths: Fashion-MNIST's one channel (flat), 30 x 30 planes (H*W divides by 4, not 16)."""
     from .masked_adam import plan_masked_adam
 
-    N, C, H, W = shape
-    x = torch.empty(shape)
-    t = lambda: torch.empty(shape)  # noqa: E731
-    mask1 = torch.empty(N, 1, H, W)
-    lo, hi = torch.full((C,), -2.0), torch.full((C,), 2.0)
-    n = x.numel()
-    state = 7 * 4 * n  # read x, g, m, v; write x, m, v (fp32)
     out = []
 
-    def add(name, mask, mask_bytes, beta1=0.5, bounds=True, big=False):
-        launch, _ = plan_masked_adam(x, t(), mask, t(), t(), step=3, lr=0.25, beta1=beta1,
-                                     lo=lo if bounds else None, hi=hi if bounds else None)
-        if big:  # the same launch as for >= 2**31 elements (64-bit offsets); not allocated here
+    def add(name, shape, mask_shape=None, mask_dtype=torch.float32, beta1=0.5, bounds=True, big=False):
+        N, C, H, W = shape
+        t = lambda: torch.empty(shape)  # noqa: E731
+        mask = None if mask_shape is None else torch.empty(mask_shape, dtype=mask_dtype)
+        lo, hi = (torch.full((C,), -2.0), torch.full((C,), 2.0)) if bounds else (None, None)
+        launch, _ = plan_masked_adam(t(), t(), mask, t(), t(), step=3, lr=0.25, beta1=beta1, lo=lo, hi=hi)
+        n = N * C * H * W
+        if big:  # the launch for 3 * 2**30 elements (64-bit offsets), without allocating them: same kernel,
+            # only the sizes differ (x, its plane count and the grid scaled by the same factor)
+            k = 3 * 2**30 // n
+            args = list(launch.args)
+            if launch.meta["CH"] == 1 and args[7] == 1:       # flat: one plane of n elements
+                args[8] *= k                                   # HW
+                args[9] = -(-args[8] // launch.meta["BLOCK"])  # n_blocks
+                launch.grid = (args[9],)
+            else:                                              # k times the images
+                launch.grid = (launch.grid[0] * k,)
+            launch.args = tuple(args)
             launch.meta["IDX64"] = True
-        out.append(Variant(f"masked_adam {name}", launch, n, state + mask_bytes + (8 * C if bounds else 0)))
+            n *= k
+        mask_bytes = 0 if mask is None else mask.numel() * mask.element_size() * n // (N * C * H * W)
+        min_bytes = 7 * 4 * n + mask_bytes + (8 * C if bounds else 0)  # x, g, m, v read; x, m, v written
+        tag = "x".join(map(str, shape))
+        out.append(Variant(f"masked_adam {tag} {name}", launch, n, min_bytes))
 
-    sshape = "x".join(map(str, shape))
-    add(f"{sshape} mask[N,1] fp32 +bounds", mask1, 4 * N * H * W)
-    add(f"{sshape} mask[N,1] bool +bounds", torch.empty(N, 1, H, W, dtype=torch.bool), N * H * W)
-    add(f"{sshape} mask[N,C] fp32", torch.empty(shape), 4 * n, bounds=False)
-    add(f"{sshape} no mask, beta1 0.9", None, 0, beta1=0.9, bounds=False)
-    add(f"{sshape} mask[N,1] fp32 +bounds int64", mask1, 4 * N * H * W, big=True)
+    N, C, H, W = shape
+    add("mask[N,1] fp32 +bounds", shape, (N, 1, H, W))
+    add("mask[N,1] bool +bounds", shape, (N, 1, H, W), torch.bool)
+    add("mask[N,C] fp32", shape, shape, bounds=False)
+    add("no mask, beta1 0.9", shape, None, beta1=0.9, bounds=False)
+    add("mask[N,1] fp32 +bounds int64", shape, (N, 1, H, W), big=True)
+    add("no mask int64", shape, None, bounds=False, big=True)
+    add("mask[N,1] fp32 +bounds", (100, 1, 28, 28), (100, 1, 28, 28))
+    add("mask[N,1] fp32 +bounds", (100, 3, 30, 30), (100, 1, 30, 30))
     return out
 
 
@@ -245,9 +295,9 @@ def dbr_variants(B: int = 256, classes=(1000, 21841), dtypes=(torch.float32, tor
                 ("loss+grad l2", dict(squared=True, compute_grad=True), 2 * e * B * C + small),
                 ("loss no-grad", dict(squared=False, compute_grad=False), e * B * C + small),
             ):
-                launch, _ = plan_dbr_rows(z, y, y, f, f, f, 1.0, 1.0, grad_scale=1.0 / B, **kw)
+                launch, _ = plan_dbr_rows(z, y, y, f, f, f, 1.0, 1.0, grad_scale=1.0 / B, device_type="cuda", **kw)
                 out.append(Variant(f"dbr {name} {tag}", launch, B * C, min_bytes))
-            launch, _ = plan_dbr_distances(z, y, y, 1.0)
+            launch, _ = plan_dbr_distances(z, y, y, 1.0, device_type="cuda")
             out.append(Variant(f"dbr distances {tag}", launch, B * C, e * B * C + 2 * 8 * B + 2 * 4 * B))
     return out
 
@@ -256,9 +306,23 @@ def all_variants() -> list[Variant]:
     return masked_adam_variants() + dbr_variants()
 
 
-def run(archs=ARCHS, variants: list[Variant] | None = None) -> list[Report]:
+def supported() -> bool:
+    """Whether this Triton has the parts the compiler check uses (its own launcher's argument
+    specialisation: Triton 3.4 or newer)."""
     if not triton_available():
-        raise RuntimeError("nrrdd.kernels.aot: Triton is not importable")
+        return False
+    try:
+        from triton import knobs  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(JITFunction, "_pack_args")
+
+
+def run(archs=ARCHS, variants: list[Variant] | None = None) -> list[Report]:
+    if not supported():
+        raise RuntimeError("nrrdd.kernels.aot needs Triton 3.4 or newer (its launcher's argument "
+                           "specialisation, triton.knobs); this one lacks them")
     if triton_interpreting():
         _jit(None)  # raises the explanation
     variants = all_variants() if variants is None else variants

@@ -189,7 +189,8 @@ if triton_available():
     ):
         # Triton only knows on its own that an integer divides by 16; C = 1000 (ImageNet-1K) divides
         # by 8, which is enough for 16-byte loads of fp16/bf16 rows and of fp32 rows: say so.
-        if ALIGN > 1:  # (n // A) * A == n here; the form tells the compiler that A divides n
+        # (n // A) * A == n here; the form tells the compiler that A divides n (16: Triton knows it on its own)
+        if ALIGN > 1 and ALIGN < 16:
             C = (C // ALIGN) * ALIGN
             stride_z = (stride_z // ALIGN) * ALIGN
             stride_g = (stride_g // ALIGN) * ALIGN
@@ -244,8 +245,8 @@ if triton_available():
             tl.store(da_ptr + row, d_aug)
 
 
-def _launch_cfg(C: int, device: torch.device) -> tuple[int, int]:
-    cap = 8192 if device.type != "cuda" else 4096
+def _launch_cfg(C: int, device_type: str) -> tuple[int, int]:
+    cap = 8192 if device_type != "cuda" else 4096
     block = min(triton.next_power_of_2(max(int(C), 1)), cap)
     block = max(block, 16)
     num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
@@ -264,8 +265,9 @@ def _rows_ready(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
-def plan_dbr_distances(logits, y_org, y_aug, temperature: float = 1.0):
-    """The launch of the distances kernel, without running it: ``(launch or None, (d_org, d_aug))``."""
+def plan_dbr_distances(logits, y_org, y_aug, temperature: float = 1.0, device_type: str | None = None):
+    """The launch of the distances kernel, without running it: ``(launch or None, (d_org, d_aug))``.
+    ``device_type``: the device the launch is for (default: the logits'; nrrdd.kernels.aot plans for "cuda")."""
     if not triton_available():
         raise RuntimeError("nrrdd.kernels: Triton is not importable")
     z = _rows_ready(logits)
@@ -274,7 +276,7 @@ def plan_dbr_distances(logits, y_org, y_aug, temperature: float = 1.0):
     d_aug = torch.empty(B, dtype=torch.float32, device=z.device)
     if B == 0:
         return None, (d_org, d_aug)
-    block, warps = _launch_cfg(C, z.device)
+    block, warps = _launch_cfg(C, device_type or z.device.type)
     launch = Launch(
         _dbr_row_kernel,
         (B,),
@@ -294,9 +296,11 @@ def dbr_distances_triton(logits, y_org, y_aug, temperature: float = 1.0):
 
 
 def plan_dbr_rows(
-    logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale=1.0
+    logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale=1.0,
+    device_type: str | None = None,
 ):
-    """The launch of the loss kernel, without running it: ``(launch or None, (loss_rows, grad_buffer))``."""
+    """The launch of the loss kernel, without running it: ``(launch or None, (loss_rows, grad_buffer))``.
+    ``device_type`` as for :func:`plan_dbr_distances`."""
     if not triton_available():
         raise RuntimeError("nrrdd.kernels: Triton is not importable")
     z = _rows_ready(logits)
@@ -305,7 +309,7 @@ def plan_dbr_rows(
     grad = torch.empty((B, C) if compute_grad else (0,), dtype=z.dtype, device=z.device)
     if B == 0:
         return None, (loss, grad)
-    block, warps = _launch_cfg(C, z.device)
+    block, warps = _launch_cfg(C, device_type or z.device.type)
     launch = Launch(
         _dbr_row_kernel,
         (B,),

@@ -160,14 +160,18 @@ if triton_available():
         HAS_BOUNDS: tl.constexpr,
         IDX64: tl.constexpr,
         BLOCK: tl.constexpr,
+        ALIGN: tl.constexpr,  # a power of two up to 16 dividing HW (Triton assumes 16 or nothing)
     ):
         # program (group, block): BLOCK elements of each of the CH planes group*CH ... group*CH + CH-1.
         # With CH = C the broadcast mask is read once for all channels and the bounds are per-program
         # scalars: no per-element division to find the channel or the mask element.
         pid = tl.program_id(0)
+        if IDX64:  # every offset below derives from pid: all 64-bit (a flat plane's hw reaches n itself)
+            pid = pid.to(tl.int64)
+        # (n // A) * A == n here; the form tells the compiler that A divides n, for 16-byte accesses
+        if ALIGN > 1 and ALIGN < 16:  # (16: Triton knows it on its own)
+            HW = (HW // ALIGN) * ALIGN
         group = pid // n_blocks
-        if IDX64:
-            group = group.to(tl.int64)
         plane0 = group * CH
         hw = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
         valid = hw < HW
@@ -210,6 +214,14 @@ if triton_available():
 
 _BLOCK = 1024  # elements of one plane per program (fewer for small planes)
 _MAX_UNROLL = 8  # images with up to this many channels are handled one image per program
+
+
+def _align(n: int) -> int:
+    """The largest power of two up to 16 that divides ``n``."""
+    a = 16
+    while a > 1 and n % a:
+        a //= 2
+    return a
 
 
 def plan_masked_adam(
@@ -264,7 +276,7 @@ def plan_masked_adam(
     lo_t, hi_t = (b if b is not None else (xs, xs))
 
     planes, HW, CH = N * C, n // (N * C), C if C <= _MAX_UNROLL else 1
-    if b is None and not bcast:
+    if (b is None or C == 1) and not bcast:
         # nothing depends on the channel: one flat plane (no lanes idle on small H*W)
         planes, HW, CH, C = 1, n, 1, 1
     block = min(_BLOCK, max(16, triton.next_power_of_2(HW)))
@@ -281,7 +293,7 @@ def plan_masked_adam(
         (xs, gs, ms, vs, mk, lo_t, hi_t, C, HW, n_blocks,
          w1, 1 - w1, beta2, 1 - beta2, bias_correction2**0.5, eps, -step_size),
         dict(CH=CH, LERP_SMALL=abs(w1) < 0.5, HAS_MASK=has_mask, MASK_BCAST=bcast, HAS_BOUNDS=b is not None,
-             IDX64=n + block >= 2**31, BLOCK=block, num_warps=4),
+             IDX64=n + block >= 2**31, BLOCK=block, ALIGN=_align(HW), num_warps=4),
     )
     return launch, write_back
 

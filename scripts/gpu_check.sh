@@ -4,6 +4,8 @@
 #   here, where git is:  mkdir -p .gpu_prev && git archive 97f6248 kernels | tar -x -C .gpu_prev
 #                        (the kernels before the SASS-guided change of 2026-11-29; .gpu_prev is git-ignored)
 #   on the GPU machine:  OUT=/some/dir bash scripts/gpu_check.sh [.gpu_prev]
+#   (through the device tool: run(command="bash scripts/gpu_check.sh .gpu_prev", carry=[".gpu_prev"], timeout_s=600);
+#    $OUT is set there)
 #
 # 1. tests/test_kernels.py compiled for and run on the GPU (TRITON_INTERPRET=0), against the references;
 # 2. benchmarks.bench_kernels at full size (masked Adam 100x3x224x224, DBR B 256 x C 1000 / 21841, fp32 and bf16):

@@ -9,6 +9,8 @@ import pytest
 from imagefolders import imagenet_jpegs
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks` is imported from the checkout (it is not installed)
+    sys.path.append(str(ROOT))
 
 
 def _run(args, out: Path) -> list[dict]:

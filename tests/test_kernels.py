@@ -2,8 +2,9 @@
 
 By default the kernels run through the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set by
 conftest.py); on a GPU machine ``TRITON_INTERPRET=0 pytest tests/test_kernels.py`` compiles them and runs
-the same tests on CUDA tensors (DEV below).  Random data always comes from seeded CPU generators and is
-then moved to DEV, so both runs check the same values."""
+the same tests on CUDA tensors (DEV below; written for that, not yet run on a GPU: scripts/gpu_check.sh
+does it when one is lent).  Random data always comes from seeded CPU generators and is then moved to DEV,
+so both runs check the same values."""
 
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ def _adam_state(shape, seed=0, device="cpu"):
         ((3, 1, 6, 5), "bcast", True),  # one channel, per-channel bounds
         ((4, 3, 1, 1), "bcast", True),  # 1x1 planes
         ((2, 3, 40, 40), "frac", True),  # planes of 1600: a full block and a partial one
+        ((2, 3, 30, 30), "bcast", True),  # H*W divides by 4, not 16
+        ((2, 3, 6, 5), "bool", True),  # H*W divides by 2 only
     ],
 )
 def test_masked_adam_triton_matches_reference(shape, mask_kind, bounds):

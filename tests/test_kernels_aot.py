@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
-from nrrdd.kernels._backend import triton_available
+from nrrdd.kernels import aot
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not importable")
+pytestmark = pytest.mark.skipif(not aot.supported(), reason="needs Triton 3.4 or newer (nrrdd.kernels.aot)")
 
 ARCHS = (80, 90, 100)
 
@@ -44,9 +44,7 @@ def _pick(reports, prefix):
 
 
 def test_every_variant_compiles_for_every_arch_without_spilling(reports):
-    from nrrdd.kernels.aot import all_variants
-
-    names = {v.name for v in all_variants()}
+    names = {v.name for v in aot.all_variants()}
     assert {(r["variant"], r["arch"]) for r in reports} == {(n, a) for n in names for a in ARCHS}
     for r in reports:
         assert r["sass_instructions"] > 0, r
@@ -56,13 +54,34 @@ def test_every_variant_compiles_for_every_arch_without_spilling(reports):
 
 def test_masked_adam_moves_close_to_the_minimum(reports):
     """Straight-line code (one pass, no loop) whose global loads and stores request at most 5% more bytes per
-    element than the op must move: x, g, m, v read and x, m, v written once with 16-byte accesses, the
-    broadcast mask read once for all channels, the bounds read once per program."""
+    element than the op must move at the refinement batch's size: x, g, m, v read and x, m, v written once with
+    16-byte accesses, the broadcast mask read once for all channels, the bounds once per program. (Requested
+    bytes count idle lanes of a partial block too: 30 x 30 planes in blocks of 1024 request 18% more.)"""
     for r in _pick(reports, "masked_adam"):
         assert not r["has_loop"], r["variant"]
         moved = r["load_bytes_per_element"] + r["store_bytes_per_element"]
-        assert moved <= 1.05 * r["min_bytes_per_element"], (r["variant"], r["arch"], moved, r["min_bytes_per_element"])
-        assert set(r["stores"]) == {"STG.E.128"}, (r["variant"], r["stores"])
+        assert moved >= r["min_bytes_per_element"], (r["variant"], r["arch"], moved)  # the count misses nothing
+        if "224x224" in r["variant"]:
+            assert moved <= 1.05 * r["min_bytes_per_element"], (r["variant"], r["arch"], moved,
+                                                                r["min_bytes_per_element"])
+        # 16-byte accesses also where H*W divides by 4 only (30 x 30) and for one channel (28 x 28)
+        assert set(r["stores"]) == {"STG.E.128"}, (r["variant"], r["arch"], r["stores"])
+
+
+def test_64_bit_launches_compute_offsets_in_64_bits(reports):
+    """Tensors of 2**31 elements or more: no 32-bit arithmetic on a value derived from the program id (the
+    flat path once multiplied its block index by BLOCK in 32 bits; this check finds that)."""
+    rows = [r for r in _pick(reports, "masked_adam") if "int64" in r["variant"]]
+    assert {r["variant"].split(" ", 2)[2] for r in rows} == {"mask[N,1] fp32 +bounds int64", "no mask int64"}
+    for r in rows:
+        assert r["i32_index_arithmetic"] == 0, (r["variant"], r["arch"])
+
+
+def test_dbr_kernels_are_found_to_loop(reports):
+    """The DBR kernels stream each row in blocks: the loop detector must see that on every arch (sm_100
+    branches back with BRA.U), or it would report bytes per element for code that runs many times."""
+    for r in _pick(reports, "dbr "):
+        assert r["has_loop"] and r["load_bytes_per_element"] is None, (r["variant"], r["arch"])
 
 
 @pytest.mark.parametrize("dtype,narrow", [("float32", "LDG.E"), ("bfloat16", "LDG.E.U16"), ("float16", "LDG.E.U16")])
