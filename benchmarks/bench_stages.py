@@ -18,6 +18,9 @@ Rows (CSV format of every nrrdd benchmark, appended to ``--out``):
 * ``label_storage`` bytes per sample per epoch measured from files the label writer produced (soft vs DBR,
   C = 10 and C = 1000 with random logits), and GB for ImageNet-1K at IPC 10/50/200 x 300 epochs, marked
   ``extrapolated``;
+* ``set_memory`` copies: how many copies of the synthetic set refinement and writing hold at their peaks,
+  measured as the growth of peak resident memory with the set's size (two sizes, 3 x 128 x 128 images;
+  ``x set`` = the set's fp32 bytes): 1.33 is the least (the images and their masks);
 * ``scaling_<stage>_<param>``: the log-log slope of time (and of peak memory) against ipc, mipc and the
   number of classes (1 = linear); plotted to ``--plots``.
 
@@ -44,6 +47,7 @@ SIZES = {  # (full, quick)
     "mipc": (300, 60), "ipc": (10, 5), "iterations": (20, 4), "epochs": (6, 3), "eval_images": (10000, 2000),
     "mipc_points": ([50, 150, 300, 600], [50, 150]), "ipc_points": ([1, 10, 50], [1, 5]),
     "class_points": ([2, 5, 10], [2, 5]),
+    "set_points": ([1000, 3000], [200, 600]), "set_size": (128, 64),
 }
 
 
@@ -57,8 +61,76 @@ def _class_subset(train, k: int):
     return TensorImageSet(base.images[keep], base.labels[keep], base.classes[:k], size=base.size)
 
 
+def measure_set_memory(p: dict) -> dict:
+    """How many copies of the synthetic set one phase of writing it out holds at its peak: ``n`` random images of
+    3 x ``size`` x ``size``; ``phase`` "refine": refined for ``iterations`` steps as ``nrrdd distill`` does
+    (into the same tensor when the library allows it); "write": written as a PNG folder + safetensors. The
+    process's peak resident memory (``ru_maxrss``, exact) above what it held before the set existed, in units of
+    the set's fp32 bytes. The teacher is tiny on purpose (one conv layer, BatchNorm, GAP + linear: original CAM)
+    so that the set, not the network's activations, fills memory, as at ImageNet scale where the set is tens of
+    GB."""
+    import inspect
+    import resource
+    import types
+
+    from nrrdd.data import Normalizer
+    from nrrdd.pipeline import write_synthetic
+    from nrrdd.refine import refine
+
+    torch.set_num_threads(p["threads"])
+    n, s = p["n"], p["size"]
+    torch.manual_seed(0)
+    teacher = _TinyTeacher().eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    norm = Normalizer([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    if p["phase"] == "refine":      # the teacher's one forward/backward pass before the baseline: its buffers
+        refine(teacher, torch.zeros(100, 3, s, s), torch.arange(100) % 10, norm.lo, norm.hi, iterations=1,
+               show_progress=False)
+    base = _rss_now()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, s, s, generator=g)         # normalised in place: one copy, also at its making
+    images.sub_(norm.mean.view(1, 3, 1, 1)).div_(norm.std.view(1, 3, 1, 1))
+    labels = torch.arange(n) % 10
+    set_bytes = images.numel() * 4
+    t = time.perf_counter()
+    if p["phase"] == "refine":
+        kw = {"out": images} if "out" in inspect.signature(refine).parameters else {}
+        refine(teacher, images, labels, norm.lo, norm.hi, iterations=p["iterations"], batch_size=100,
+               show_progress=False, **kw)
+    else:
+        masks = torch.rand(n, 1, s, s, generator=g)
+        sp = types.SimpleNamespace(normalizer=norm, classes=[f"{c:05d}" for c in range(10)])
+        with tempfile.TemporaryDirectory() as d:
+            write_synthetic(Path(d), images, labels, masks, sp)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"set_bytes": set_bytes, "copies": (peak - base) / set_bytes, "peak_rss": peak,
+            "seconds": time.perf_counter() - t}
+
+
+class _TinyTeacher(torch.nn.Module):
+    """3 -> 8 channels, BatchNorm, ReLU, global average pool, linear: ~200 multiply-adds per pixel."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.avgpool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(p: dict) -> dict:
     """Run one stage as described by ``p``; returns work done, seconds, and peak memory."""
+    if p["stage"] == "set_memory":
+        return measure_set_memory(p)
     from nrrdd.data import load_splits
     from nrrdd.discover import discover
     from nrrdd.models import build_model, load_model
@@ -173,6 +245,21 @@ def label_storage(rec: Recorder, table: list) -> None:
             table.append(("label_storage", mode, shape, f"{gb:.2f} GB", "extrapolated"))
 
 
+def set_memory(rec: Recorder, table: list, size: dict, threads: int) -> None:
+    """Copies of the synthetic set held at the peak of refinement and of writing: the slope of peak memory
+    against the set's bytes over two set sizes, so that what does not grow with the set (PyTorch, the
+    teacher, one batch's activations) drops out."""
+    s = size["set_size"]
+    for phase in ("refine", "write"):
+        runs = [run_child(dict(stage="set_memory", phase=phase, threads=threads, n=n, size=s, iterations=1))
+                for n in size["set_points"]]
+        a, b = runs[0], runs[-1]
+        copies = (b["peak_rss"] - a["peak_rss"]) / (b["set_bytes"] - a["set_bytes"])
+        shape = f"n{size['set_points'][0]}..{size['set_points'][-1]} 3x{s}x{s}"
+        rec.add("set_memory", phase, shape, "copies", "x set", copies, copies, copies)
+        table.append(("set_memory", phase, shape, f"{copies:.2f} copies of the set", f"peak {b['peak_rss'] / 2**20:.0f} MiB"))
+
+
 def fit_slope(xs, ys) -> float:
     """Least-squares slope of log(y) on log(x): the exponent of y ~ x^a."""
     lx, ly = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))
@@ -187,7 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="auto", help="auto (as runs: bf16 where the hardware has it) | fp32 | bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default=None, help="a conv3 Fashion-MNIST checkpoint (default: untrained)")
-    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: throughput memory storage scaling")
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: throughput memory set storage scaling")
     ap.add_argument("--out", default="benchmarks/results/stages.csv", help="CSV file (rows are appended)")
     ap.add_argument("--plots", default="benchmarks/results/plots", help="folder for the scaling plots")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -276,6 +363,8 @@ def main(argv=None) -> int:
             table.append((f"scaling_{stage}", param, f"{xs}", f"time ~ {param}^{a_t:.2f}",
                           f"memory ~ {param}^{a_m:.2f}"))
         plot_scaling(scaling, Path(args.plots))
+    if "set" not in args.skip:
+        set_memory(rec, table, size, args.threads)
     if "storage" not in args.skip:
         label_storage(rec, table)
 

@@ -31,7 +31,8 @@ _BY_METRIC = {"throughput": _SPEED_UP, "bandwidth": _SPEED_UP, "time": _SPEED_DO
               "peak_rss": _SIZE_DOWN, "peak_cuda": _SIZE_DOWN,
               # counts read from compiled kernels (bench_sass): fewer is better, "min_bytes" is a constant
               "registers": _SIZE_DOWN, "spill": _SIZE_DOWN, "sass_instructions": _SIZE_DOWN,
-              "instructions": _SIZE_DOWN, "requested_bytes": _SIZE_DOWN}
+              "instructions": _SIZE_DOWN, "requested_bytes": _SIZE_DOWN,
+              "copies": _SIZE_DOWN}
 _BY_UNIT = {"images/s": _SPEED_UP, "samples/s": _SPEED_UP, "image-steps/s": _SPEED_UP, "GB/s": _SPEED_UP,
             "ms": _SPEED_DOWN, "s": _SPEED_DOWN}
 _SIZE_UNITS = {"bytes", "KiB", "kB", "MiB", "MB", "GiB", "GB"}

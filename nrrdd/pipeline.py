@@ -271,7 +271,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                        batch_size=cfg.refine_batch_size, masked=not sre2l, cam=cfg.cam,
                        jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(),
                        seed=cfg.seed, precision=ctx.precision, device=ctx.device, show_progress=show_progress,
-                       desc="synthesise[sre2l]" if sre2l else "refine", parts=parts, dist=ctx.dist)
+                       desc="synthesise[sre2l]" if sre2l else "refine", parts=parts, dist=ctx.dist,
+                       out=images)              # in place: the set is held once
         if r is not None:                           # None on ranks other than 0, which write nothing
             images, masks = r.images, r.masks
     if not ctx.dist.is_main:
@@ -337,15 +338,16 @@ def write_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, masks
     All or nothing: the PNGs go to a hidden staging folder, then the safetensors file is written, then the
     folder is renamed to ``syn``; a failure on the way (a full disk) removes the staging folder, so a reader
     never finds part of a synthetic set (the refinement pieces stay, for --resume)."""
-    pixels = (sp.normalizer.inverse(images).clamp(0, 1) * 255).round().to(torch.uint8)
     staging = out / ".syn.partial"
     shutil.rmtree(staging, ignore_errors=True)          # left by a run killed while writing
     try:
         counts: dict[int, int] = {}
-        for img, c in zip(pixels, labels.tolist()):
+        for img, c in zip(images, labels.tolist()):
             i = counts.get(c, 0)
             counts[c] = i + 1
-            arr = img.permute(1, 2, 0).numpy()
+            # one image at a time: a whole-set pixel copy would hold the set (tens of GB at ImageNet scale) twice
+            pixels = (sp.normalizer.inverse(img[None]).clamp(0, 1) * 255).round().to(torch.uint8)[0]
+            arr = pixels.permute(1, 2, 0).numpy()
             pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
             atomic_save_image(staging / f"{c:05d}" / f"class{c:05d}_id{i:05d}.png", pil)
         atomic_save_safetensors(out / "synthetic.safetensors",

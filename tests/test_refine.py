@@ -74,3 +74,22 @@ def test_nan_input_stops_with_a_named_error():
     with pytest.raises(NonFiniteError, match="step 0"):
         refine(teacher, x0, torch.tensor([0, 1]), torch.tensor([-1.0]), torch.tensor([1.0]), iterations=3,
                masked=False, show_progress=False)
+
+
+def test_refining_into_the_input_gives_the_same_images():
+    """``out=images`` (what ``nrrdd distill`` does, so that the set is held once): every batch reads its rows
+    before writing them, so the result is the one a separate output gets, bit for bit, in the input's storage."""
+    teacher = _teacher()
+    torch.manual_seed(1)
+    x = torch.randn(23, 1, 8, 8)
+    y = torch.arange(23) % 3
+    lo, hi = torch.tensor([-2.0]), torch.tensor([2.0])
+    kw = dict(iterations=3, batch_size=5, show_progress=False)
+    apart = refine(teacher, x.clone(), y, lo, hi, **kw)
+    inplace_in = x.clone()
+    inplace = refine(teacher, inplace_in, y, lo, hi, out=inplace_in, **kw)
+    assert inplace.images is inplace_in
+    assert torch.equal(inplace.images, apart.images) and torch.equal(inplace.masks, apart.masks)
+    assert not torch.equal(apart.images, x)                 # refinement moved something
+    with pytest.raises(ValueError, match="out has shape"):
+        refine(teacher, x, y, lo, hi, out=x[:3], **kw)
