@@ -215,6 +215,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                          "leave pure noise")
     ctx = make_context(cfg, like=ctx)
     out = Path(cfg.out)
+    _reopen_interrupted_write(cfg, ctx, out)
     refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
     refuse_overwrite(out / "syn", "a folder of synthetic images")
     sp = ctx.splits
@@ -288,6 +289,31 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                    sources=d.sources, selection_resumed=resumed_selection)
     ctx.dist.barrier()                              # the other ranks wait for the files
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
+
+
+def _reopen_interrupted_write(cfg: RunConfig, ctx: Context, out: Path) -> None:
+    """A distillation killed between the last two steps of :func:`write_synthetic` (``synthetic.safetensors``
+    written, its PNG folder not yet renamed from ``.syn.partial`` to ``syn``) left a whole set but an
+    unfinished run. With --resume, and resume pieces of these very settings to rebuild it from, the set is
+    written again from them (the same bytes; no refinement is redone, the chosen crops are cut again);
+    otherwise the run stops and says what to do. Never deletes anything it cannot rebuild."""
+    staged = out / ".syn.partial"
+    interrupted = (out / "synthetic.safetensors").exists() and staged.is_dir() and not (out / "syn").exists()
+    ctx.dist.barrier()                              # every rank has looked before rank 0 changes anything
+    if not interrupted:
+        return
+    found = DiscoveryStore(out / "discover.parts", _identity(ctx, NOT_DISTILL))
+    what = (f"{out} holds a synthetic set whose writing was interrupted (synthetic.safetensors is written, its "
+            f"PNG folder {staged} was not yet published)")
+    if not found.exists():
+        raise FileExistsError(f"{what}, and no resume pieces to rebuild it from: remove both and run again")
+    if not cfg.resume:
+        raise FileExistsError(f"{what}: pass --resume to write it again from {found.store.folder}")
+    found.load()                                    # raises if the pieces come from other settings
+    if ctx.dist.is_main:
+        (out / "synthetic.safetensors").unlink()
+        shutil.rmtree(staged)
+    ctx.dist.barrier()
 
 
 def _selection_sha256(d) -> str:

@@ -127,6 +127,61 @@ def test_killed_distillation_resumes_after_discovery_at_its_refinement_batch(tmp
     assert manifest["sources"] == ref_manifest["sources"]
 
 
+def test_distillation_killed_between_the_set_and_its_png_folder_is_finished_by_resume(tmp_path, capsys):
+    """The last two steps of writing a set: synthetic.safetensors, then the PNG folder renamed from its staging
+    name. A SIGKILL between them leaves a whole safetensors file and an unpublished folder; --resume writes the
+    set again from the resume pieces (refused without --resume, and with other settings), to the same bytes."""
+    import torch
+
+    from nrrdd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "t.pt"
+    torch.save({"model": build_model("conv3", 10, 1, 28).state_dict()}, teacher)
+    args = lambda d, *x: ["distill", "--teacher", str(teacher), "--out", str(d),  # noqa: E731
+                          "--ipc", "2", "--mipc", "10", "--nrr-iterations", "3", *SMALL, *x]
+    ref = tmp_path / "ref"
+    assert main(args(ref)) == 0
+    syn = tmp_path / "syn"
+    kill_at_publish = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "rename = Path.rename\n"
+        "def killed(self, target):\n"
+        "    if self.name == '.syn.partial':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return rename(self, target)\n"
+        "Path.rename = killed\n"
+        f"from nrrdd.cli import main; sys.exit(main({args(syn)!r}))"
+    )
+    p = subprocess.run([sys.executable, "-c", kill_at_publish], capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+    assert (syn / "synthetic.safetensors").exists() and (syn / ".syn.partial").is_dir() and not (syn / "syn").exists()
+    capsys.readouterr()
+    assert main(args(syn)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(args(syn, "--nrr-eps", "0.3", "--resume")) == 2   # pieces of other settings: refused, nothing removed
+    assert (syn / "synthetic.safetensors").exists() and (syn / ".syn.partial").is_dir()
+    assert main(args(syn, "--resume")) == 0
+    for name in ["synthetic.safetensors", *(str(q.relative_to(ref)) for q in (ref / "syn").rglob("*.png"))]:
+        assert (syn / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not (syn / ".syn.partial").exists() and not (syn / "refine.parts").exists()
+    assert json.loads((syn / "manifest_distill.json").read_text())["selection_resumed"] is True
+
+
+def test_interrupted_write_without_resume_pieces_is_left_alone_with_a_message(tmp_path, capsys):
+    """An unrefined set keeps no resume pieces: an interrupted publication cannot be checked against these
+    settings, so nothing is removed and the message says what to do."""
+    args = ["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", "--out", str(tmp_path / "s"),
+            *SMALL]
+    assert main(args) == 0
+    (tmp_path / "s" / "syn").rename(tmp_path / "s" / ".syn.partial")     # the state a kill before the rename leaves
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "no resume pieces to rebuild it from: remove both" in capsys.readouterr().err
+    assert (tmp_path / "s" / "synthetic.safetensors").exists() and (tmp_path / "s" / ".syn.partial").is_dir()
+
+
 def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
