@@ -96,6 +96,62 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     return _atomic(path, write)
 
 
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(the header of a safetensors file, the offset of its data)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def atomic_concat_safetensors(path: str | Path, name: str, pieces: list[str | Path],
+                              metadata: dict[str, str] | None = None) -> Path:
+    """One safetensors file holding tensor ``name``: the concatenation, along the first dimension, of the tensor
+    ``name`` of every file in ``pieces``, in order. Streamed: the pieces' bytes are copied through a small
+    buffer, so nothing near the whole tensor is ever in memory. The bytes are those
+    :func:`atomic_save_safetensors` writes for the whole tensor (same header, same padding)."""
+    heads = []
+    for piece in pieces:
+        header, start = _safetensors_header(Path(piece))
+        if name not in header:
+            raise ValueError(f"{piece} holds no tensor {name!r}")
+        heads.append((Path(piece), header[name], start))
+    if not heads:
+        raise ValueError(f"no pieces to concatenate into {path}")
+    dtype, rest = heads[0][1]["dtype"], heads[0][1]["shape"][1:]
+    for piece, h, _ in heads:
+        if h["dtype"] != dtype or h["shape"][1:] != rest:
+            raise ValueError(f"{piece}: {name} is {h['dtype']} {h['shape']}, the first piece {dtype} [*, {rest}]")
+    nbytes = sum(h["data_offsets"][1] - h["data_offsets"][0] for _, h, _ in heads)
+    shape = [sum(h["shape"][0] for _, h, _ in heads), *rest]
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {META_KEY: json.dumps(metadata, sort_keys=True)}
+    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)                   # safetensors aligns the data to 8 bytes
+
+    def write(tmp: str) -> None:
+        try:
+            with open(tmp, "wb") as out:
+                out.write(len(text).to_bytes(8, "little") + text)
+                for piece, h, start in heads:
+                    with open(piece, "rb") as f:
+                        f.seek(start + h["data_offsets"][0])
+                        left = h["data_offsets"][1] - h["data_offsets"][0]
+                        while left:
+                            buf = f.read(min(left, 64 << 20))
+                            if not buf:
+                                raise OSError(f"{piece} ends before its data does")
+                            out.write(buf)
+                            left -= len(buf)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror or e} while writing {path}") from e
+
+    return _atomic(path, write)
+
+
 def load_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; ``tensors=False``: the metadata alone (the header is read,
     not the data)."""

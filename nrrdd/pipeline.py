@@ -39,7 +39,7 @@ from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_
                  ensure_writable, file_sha256, load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine, rows_of_rank
-from .relabel import LabelParts, load_labels, relabel, save_labels
+from .relabel import LabelParts, load_labels, relabel
 from .runtime import resolve_device, resolve_precision, set_threads
 from .train import TrainCheckpoint, evaluate, train_student, train_teacher
 
@@ -412,20 +412,28 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
     teacher = load_teacher(ctx)
     temperature = cfg.dbr_temperature if mode == "dbr" else 1.0
     with _timed(ctx, "relabel"):
-        stored = relabel(teacher, images, labels, mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=ctx.factor,
-                         cutmix_alpha=cfg.cutmix_alpha, temperature=temperature,
-                         batch_size=max(1, cfg.resolved_batch_size(len(ctx.splits.classes))), device=ctx.device,
-                         precision=ctx.precision, parts=parts, show_progress=show_progress, dist=ctx.dist)
+        relabel(teacher, images, labels, mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=ctx.factor,
+                cutmix_alpha=cfg.cutmix_alpha, temperature=temperature,
+                batch_size=max(1, cfg.resolved_batch_size(len(ctx.splits.classes))), device=ctx.device,
+                precision=ctx.precision, parts=parts, show_progress=show_progress, dist=ctx.dist)
     if not ctx.dist.is_main:
         return _follower_done(ctx, {"labels_file": str(out)})
-    save_labels(out, stored, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
+    # the labels are on disk in chunks (one chunk at a time was in memory): the file is their concatenation
+    parts.write(out, cfg.epochs, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
                 temperature=temperature, synthetic_sha256=tensor_sha256(images, labels))
     parts.remove()                                  # the label file is written: its chunks are spent
     write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), **_provenance(ctx), labels_file=str(out),
                    label_bytes=out.stat().st_size, timings=dict(ctx.timings))
     ctx.dist.barrier()
-    return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": list(stored.shape),
+    return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": _label_shape(out),
             "timings": dict(ctx.timings)}
+
+
+def _label_shape(path: Path) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.get_slice("labels").get_shape())
 
 
 # --- evaluate ------------------------------------------------------------------------------------------

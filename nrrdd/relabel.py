@@ -15,7 +15,7 @@ from nrrdd.kernels import dbr_distances
 
 from .augment import epoch_augment, mixed_batch
 from .dist import SINGLE, Dist
-from .io import ChunkStore, atomic_save_safetensors, load_safetensors
+from .io import ChunkStore, atomic_concat_safetensors, atomic_save_safetensors, load_safetensors
 from .runtime import autocast, progress
 
 
@@ -27,10 +27,12 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order.
 
     ``parts``: write the labels in chunks of ``parts.every`` epochs as they are made, and start after the
-    chunks already there (a killed run resumes; epoch e's labels depend only on (seed, e)).
+    chunks already there (a killed run resumes; epoch e's labels depend only on (seed, e)). The labels then
+    stay on disk, in the chunks (a chunk at a time in memory: soft labels of ImageNet-1K at IPC 50 x 300
+    epochs are 30 GB): returns None, and :meth:`LabelParts.write` makes the label file from them.
     ``dist``: sample batch ``k`` of epoch ``e`` (the same batches as in one process) is computed by rank
-    ``(e * batches_per_epoch + k) % world``; rank 0 collects them at every chunk and returns the labels, the
-    other ranks return None."""
+    ``(e * batches_per_epoch + k) % world``; rank 0 collects them at every chunk (and, without ``parts``,
+    returns the labels), the other ranks return None."""
     if mode not in ("dbr", "soft"):
         raise ValueError(f"relabel mode must be 'dbr' or 'soft', not {mode!r}")
     teacher.eval()
@@ -38,7 +40,8 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     N, S = images.shape[0], images.shape[-1]
     images = images.to(device)
     n_batches = -(-N // batch_size)
-    out, first = (parts.load(epochs, N, tensors=dist.is_main) if parts is not None else (None, 0))
+    out, first = None, (parts.first_epoch() if parts is not None else 0)
+    chunk_start = first
     pending: dict[tuple[int, int], torch.Tensor] = {}       # (epoch, batch) -> labels not yet collected
     for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress and dist.is_main,
                       total=epochs, initial=first):
@@ -63,14 +66,18 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
             collected = dist.gather(pending)
             pending = {}
             if dist.is_main:
+                chunk = None                                # epochs chunk_start .. e, all samples
                 for piece in collected:
                     for (pe, k), v in piece.items():
-                        if out is None:
-                            out = torch.empty(epochs, N, v.shape[-1], dtype=torch.float16)
-                        out[pe, k * batch_size:k * batch_size + len(v)] = v
+                        if chunk is None:
+                            chunk = torch.empty(e + 1 - chunk_start, N, v.shape[-1], dtype=torch.float16)
+                        chunk[pe - chunk_start, k * batch_size:k * batch_size + len(v)] = v
                 if parts is not None:
-                    parts.save(out, e + 1)
-    return out if dist.is_main else None
+                    parts.save(chunk, chunk_start, e + 1)
+                else:
+                    out = chunk if out is None else torch.cat([out, chunk])
+            chunk_start = e + 1
+    return out if dist.is_main and parts is None else None
 
 
 class LabelParts:
@@ -84,38 +91,59 @@ class LabelParts:
     def exists(self) -> bool:
         return self.store.exists()
 
-    def load(self, epochs: int, n: int, tensors: bool = True) -> tuple[torch.Tensor | None, int]:
-        """(labels so far in an [E, N, W] tensor, first epoch to compute), from the chunks on disk.
-        ``tensors=False``: only the first epoch to compute (each chunk's header is read, its identity checked)."""
-        out, done = None, 0
+    def _chain(self) -> list[tuple[Path, int]]:
+        """The chunks from epoch 0 on, each starting where the one before ends (identities checked)."""
+        chain, done = [], 0
         while True:
-            name = next((p.stem for p in self.folder.glob(f"epochs_{done:05d}-*.safetensors")), None)
-            if name is None:
-                break
-            upto = int(name.rsplit("-", 1)[1])
-            piece = self.store.load(name, tensors)[0]
-            if tensors:
-                t = piece["labels"]
-                if out is None:
-                    out = torch.empty(epochs, n, t.shape[-1], dtype=torch.float16)
-                out[done:upto] = t
-            done = upto
-        self._saved = done
-        return out, done
+            path = next(iter(sorted(self.folder.glob(f"epochs_{done:05d}-*.safetensors"))), None)
+            if path is None:
+                return chain
+            self.store.load(path.stem, tensors=False)
+            done = int(path.stem.rsplit("-", 1)[1])
+            chain.append((path, done))
 
-    def save(self, labels: torch.Tensor, upto: int) -> None:
-        self.store.save(f"epochs_{self._saved:05d}-{upto:05d}", {"labels": labels[self._saved:upto]})
+    def first_epoch(self) -> int:
+        """The first epoch no chunk holds yet: where a resumed relabelling starts (headers read, not labels)."""
+        chain = self._chain()
+        self._saved = chain[-1][1] if chain else 0
+        return self._saved
+
+    def save(self, chunk: torch.Tensor, start: int, upto: int) -> None:
+        """The labels of epochs ``start`` .. ``upto - 1``, [upto - start, N, W]."""
+        if start != self._saved or chunk.shape[0] != upto - start:
+            raise ValueError(f"label chunk of epochs {start}..{upto} after epoch {self._saved}: chunks go in order")
+        self.store.save(f"epochs_{start:05d}-{upto:05d}", {"labels": chunk})
         self._saved = upto
+
+    def pieces(self, epochs: int) -> list[Path]:
+        """The chunk files of epochs 0 .. ``epochs - 1``, in order; raises if any epoch is missing."""
+        chain = self._chain()
+        if not chain or chain[-1][1] != epochs:
+            raise RuntimeError(f"{self.folder} holds labels of epochs 0..{chain[-1][1] if chain else 0}, "
+                               f"not of all {epochs}: every rank must see the same output folder")
+        return [path for path, _ in chain]
+
+    def write(self, path: str | Path, epochs: int, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
+              temperature: float, synthetic_sha256: str) -> Path:
+        """The label file of ``epochs`` epochs (what :func:`save_labels` writes, to the byte) from the chunks,
+        streamed."""
+        return atomic_concat_safetensors(path, "labels", self.pieces(epochs), metadata=_label_meta(
+            mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256))
 
     def remove(self) -> None:
         self.store.remove()
 
 
-def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
-                temperature: float, synthetic_sha256: str) -> Path:
-    meta = {"mode": mode, "seed": str(seed), "factor": str(factor), "cutmix_alpha": repr(cutmix_alpha),
+def _label_meta(mode: str, seed: int, factor: int, cutmix_alpha: float, temperature: float,
+                synthetic_sha256: str) -> dict[str, str]:
+    return {"mode": mode, "seed": str(seed), "factor": str(factor), "cutmix_alpha": repr(cutmix_alpha),
             "temperature": repr(temperature), "synthetic_sha256": synthetic_sha256,
             "layout": "[epoch, sample, 2=(d_org,d_aug)]" if mode == "dbr" else "[epoch, sample, class logits]"}
+
+
+def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
+                temperature: float, synthetic_sha256: str) -> Path:
+    meta = _label_meta(mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256)
     return atomic_save_safetensors(path, {"labels": labels}, metadata=meta)
 
 

@@ -1,0 +1,60 @@
+"""Stage 3a's storage: labels go to disk a chunk of epochs at a time and the label file is streamed from the
+chunks, so the whole [E, N, C] tensor (30 GB of soft labels at ImageNet-1K IPC 50 x 300 epochs) is never in
+memory; the file is the one the whole tensor would give, to the byte."""
+import pytest
+import torch
+
+from nrrdd.io import atomic_concat_safetensors, load_safetensors
+from nrrdd.relabel import LabelParts, relabel, save_labels
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7)).eval()
+
+
+def test_labels_in_chunks_make_the_file_the_whole_tensor_makes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(10, 1, 8, 8, generator=g), torch.arange(10) % 7
+    kw = dict(mode="soft", epochs=7, seed=3, factor=1, batch_size=4, show_progress=False)
+    whole = relabel(_teacher(), images, labels, **kw)
+    assert whole.shape == (7, 10, 7)
+    parts = LabelParts(tmp_path / "parts", {"run": 1}, every=3)
+    assert relabel(_teacher(), images, labels, parts=parts, **kw) is None     # the labels stay on disk
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [
+        "epochs_00000-00003.safetensors", "epochs_00003-00006.safetensors", "epochs_00006-00007.safetensors"]
+    meta = dict(mode="soft", seed=3, factor=1, cutmix_alpha=1.0, temperature=1.0, synthetic_sha256="abc")
+    streamed = parts.write(tmp_path / "streamed.safetensors", 7, **meta)
+    at_once = save_labels(tmp_path / "at_once.safetensors", whole, **meta)
+    assert streamed.read_bytes() == at_once.read_bytes()
+    with pytest.raises(RuntimeError, match="not of all 8"):
+        parts.write(tmp_path / "more.safetensors", 8, **meta)
+
+
+def test_a_resumed_relabelling_starts_after_its_last_chunk(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(6, 1, 8, 8, generator=g), torch.arange(6) % 7
+    kw = dict(mode="dbr", epochs=5, seed=0, factor=1, batch_size=4, show_progress=False)
+    whole = relabel(_teacher(), images, labels, **kw)
+    parts = LabelParts(tmp_path / "p", {"run": 1}, every=2)
+    relabel(_teacher(), images, labels, parts=parts, **{**kw, "epochs": 3})    # "killed" after epoch 2's chunk
+    (tmp_path / "p" / "epochs_00002-00003.safetensors").unlink()                # (the last chunk never written)
+    again = LabelParts(tmp_path / "p", {"run": 1}, every=2)
+    assert again.first_epoch() == 2
+    relabel(_teacher(), images, labels, parts=again, **kw)
+    again.write(tmp_path / "l.safetensors", 5, mode="dbr", seed=0, factor=1, cutmix_alpha=1.0, temperature=1.0,
+                synthetic_sha256="-")
+    assert torch.equal(load_safetensors(tmp_path / "l.safetensors")[0]["labels"], whole)
+    with pytest.raises(ValueError, match="other settings"):
+        LabelParts(tmp_path / "p", {"run": 2}, every=2).first_epoch()
+
+
+def test_concatenated_pieces_must_agree(tmp_path):
+    from nrrdd.io import atomic_save_safetensors
+
+    atomic_save_safetensors(tmp_path / "a.safetensors", {"labels": torch.zeros(2, 3, 4, dtype=torch.float16)})
+    atomic_save_safetensors(tmp_path / "b.safetensors", {"labels": torch.zeros(1, 3, 5, dtype=torch.float16)})
+    with pytest.raises(ValueError, match="the first piece"):
+        atomic_concat_safetensors(tmp_path / "c.safetensors", "labels",
+                                  [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    assert not (tmp_path / "c.safetensors").exists()
