@@ -145,8 +145,8 @@ def _run(cfg: RunConfig, syn: Path, results: Path, where: str, teacher_sha: str,
     cfg = cfg.replace(resume=True)
     method, labels = cfg.method, cfg.labels
     times: dict[str, float] = {}
-    if (syn / "synthetic.safetensors").exists():
-        _check_reusable(cfg, syn, teacher_sha)
+    if (syn / "synthetic.safetensors").exists() and (syn / "manifest_distill.json").exists():
+        _check_reusable(cfg, syn, teacher_sha)             # a finished distillation (its manifest is written last)
     else:
         print(f"distilling with {method}{where} ...")
         times.update(pipeline.run_distill(cfg, show_progress=show_progress, ctx=ctx)["timings"])

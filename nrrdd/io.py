@@ -5,6 +5,7 @@ into place, so a killed run leaves either the old file or the new one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -141,13 +142,13 @@ def atomic_concat_safetensors(path: str | Path, name: str, pieces: list[str | Pa
                         while left:
                             buf = f.read(min(left, 64 << 20))
                             if not buf:
-                                raise OSError(f"{piece} ends before its data does")
+                                raise OSError(errno.EIO, f"{piece} ends before its data does")
                             out.write(buf)
                             left -= len(buf)
                 out.flush()
                 os.fsync(out.fileno())
         except OSError as e:
-            raise OSError(e.errno, f"{e.strerror or e} while writing {path}") from e
+            raise OSError(e.errno or errno.EIO, f"{e.strerror or e} while writing {path}") from e
 
     return _atomic(path, write)
 

@@ -215,8 +215,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                          "leave pure noise")
     ctx = make_context(cfg, like=ctx)
     out = Path(cfg.out)
-    _reopen_interrupted_write(cfg, ctx, out)
-    refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
+    if not _reopen_interrupted_write(cfg, ctx, out):    # else write_synthetic replaces the set, atomically
+        refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
     refuse_overwrite(out / "syn", "a folder of synthetic images")
     sp = ctx.splits
     teacher = load_teacher(ctx) if (cfg.method != "random" or cfg.resolved_refine()) else None
@@ -261,7 +261,8 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
         images[d.rows] = sp.normalizer(d.images[d.rows])
     selection = _selection_sha256(d)
     d.images = None                                 # one copy of the set in memory, not two
-    masks = torch.ones(images.shape[0], 1, *images.shape[-2:])
+    # an unrefined set's masks (all ones); refinement makes its own
+    masks = None if refined else torch.ones(images.shape[0], 1, *images.shape[-2:])
     parts = ChunkStore(out / "refine.parts", _identity(ctx, NOT_DISTILL, discovered=selection))
     if refined:
         with _timed(ctx, "refine"):
@@ -291,29 +292,27 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
 
 
-def _reopen_interrupted_write(cfg: RunConfig, ctx: Context, out: Path) -> None:
-    """A distillation killed between the last two steps of :func:`write_synthetic` (``synthetic.safetensors``
-    written, its PNG folder not yet renamed from ``.syn.partial`` to ``syn``) left a whole set but an
-    unfinished run. With --resume, and resume pieces of these very settings to rebuild it from, the set is
-    written again from them (the same bytes; no refinement is redone, the chosen crops are cut again);
-    otherwise the run stops and says what to do. Never deletes anything it cannot rebuild."""
+def _reopen_interrupted_write(cfg: RunConfig, ctx: Context, out: Path) -> bool:
+    """Whether this run finishes a distillation killed between the last two steps of :func:`write_synthetic`
+    (``synthetic.safetensors`` written, its PNG folder not yet renamed from ``.syn.partial`` to ``syn``): a
+    whole set in an unfinished run. With --resume and the run's resume pieces there, the set is made again
+    from them and replaces the file atomically (the same bytes: a kill at that point leaves every refined
+    batch among the pieces); the old file stays until then. Otherwise the run stops and says what to do."""
     staged = out / ".syn.partial"
     interrupted = (out / "synthetic.safetensors").exists() and staged.is_dir() and not (out / "syn").exists()
-    ctx.dist.barrier()                              # every rank has looked before rank 0 changes anything
     if not interrupted:
-        return
+        return False
     found = DiscoveryStore(out / "discover.parts", _identity(ctx, NOT_DISTILL))
+    pieces = found.exists() or ChunkStore(out / "refine.parts", {}).exists()
     what = (f"{out} holds a synthetic set whose writing was interrupted (synthetic.safetensors is written, its "
             f"PNG folder {staged} was not yet published)")
-    if not found.exists():
-        raise FileExistsError(f"{what}, and no resume pieces to rebuild it from: remove both and run again")
+    if not pieces:
+        raise FileExistsError(f"{what}, and no resume pieces to make it again from: remove both and run again")
     if not cfg.resume:
-        raise FileExistsError(f"{what}: pass --resume to write it again from {found.store.folder}")
-    found.load()                                    # raises if the pieces come from other settings
-    if ctx.dist.is_main:
-        (out / "synthetic.safetensors").unlink()
-        shutil.rmtree(staged)
-    ctx.dist.barrier()
+        raise FileExistsError(f"{what}: pass --resume to make it again from the resume pieces in {out}")
+    if found.exists():
+        found.load()                                # pieces of other settings: refused here, before any work
+    return True
 
 
 def _selection_sha256(d) -> str:

@@ -85,6 +85,7 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
 
     ``out``: where each refined batch is written as soon as it is done, ``images`` itself allowed (a batch reads
     its own rows before writing them, and batches do not overlap); by default a new tensor, ``images`` untouched.
+    Only rank 0 writes it (the other ranks' batches reach it through ``parts``).
     Written in place, the set is held once (at ImageNet IPC 50, 30 GB) instead of three times (the input, the
     refined batches, the assembled result).
 

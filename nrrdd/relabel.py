@@ -41,6 +41,8 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     images = images.to(device)
     n_batches = -(-N // batch_size)
     out, first = None, (parts.first_epoch() if parts is not None else 0)
+    # every rank has found where to start before rank 0 can finish (all chunks there) and remove the chunks
+    dist.barrier()
     chunk_start = first
     pending: dict[tuple[int, int], torch.Tensor] = {}       # (epoch, batch) -> labels not yet collected
     for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress and dist.is_main,
@@ -99,7 +101,10 @@ class LabelParts:
             if path is None:
                 return chain
             self.store.load(path.stem, tensors=False)
-            done = int(path.stem.rsplit("-", 1)[1])
+            upto = int(path.stem.rsplit("-", 1)[1])
+            if upto <= done:
+                raise ValueError(f"{path}: a chunk must hold at least one epoch after epoch {done}")
+            done = upto
             chain.append((path, done))
 
     def first_epoch(self) -> int:

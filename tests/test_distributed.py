@@ -252,3 +252,52 @@ def test_a_process_with_no_batch_of_its_own(fmnist_teacher, tmp_path):
               "--batch-size", "10", "--labels", "soft", "--threads", "1", *FMNIST_SMALL)
         files[n] = outputs(out)
     assert len(files[1]) == 10 + 2 and files[1] == files[2]
+
+
+_RESUMED_RELABEL = '''
+import os, sys, time
+from pathlib import Path
+import torch, torch.multiprocessing as mp
+
+def work(rank, world, tmp, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    from nrrdd.dist import setup
+    from nrrdd.relabel import relabel, LabelParts
+    dist, _ = setup(torch.device("cpu"), timeout_min=0.5)
+    torch.manual_seed(0)
+    t = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7)).eval()
+    images, labels = torch.randn(10, 1, 8, 8), torch.arange(10) % 7
+    kw = dict(mode="soft", epochs=4, seed=3, factor=1, batch_size=4, show_progress=False)
+    relabel(t, images, labels, parts=LabelParts(Path(tmp) / "p", {"r": 1}, every=2), dist=dist, **kw)
+    dist.barrier()                                  # killed here: every chunk on disk, no label file yet
+    if rank == 1:
+        time.sleep(2)                               # a follower slower to start than rank 0
+    p = LabelParts(Path(tmp) / "p", {"r": 1}, every=2)
+    relabel(t, images, labels, parts=p, dist=dist, **kw)
+    if rank == 0:
+        p.write(Path(tmp) / "l.safetensors", 4, mode="soft", seed=3, factor=1, cutmix_alpha=1.0, temperature=1.0,
+                synthetic_sha256="x")
+        p.remove()
+    dist.barrier()
+    print(f"rank {rank} done", flush=True)
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(2, sys.argv[1], int(sys.argv[2])), nprocs=2)
+'''
+
+
+def test_resumed_relabelling_with_every_chunk_done_does_not_hang(tmp_path):
+    """Killed after its last chunk, a relabelling resumed in 2 processes: rank 0 has nothing to compute and writes
+    and removes the chunks at once; a slower follower must not then find no chunks and start over at epoch 0
+    (it would wait in a collective rank 0 never joins). Every rank reads the resume point before any goes on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "resumed_relabel.py"
+    script.write_text(_RESUMED_RELABEL)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path), str(port)], capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0 and "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stderr[-3000:]

@@ -58,3 +58,14 @@ def test_concatenated_pieces_must_agree(tmp_path):
         atomic_concat_safetensors(tmp_path / "c.safetensors", "labels",
                                   [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_label_chunks_that_do_not_advance_are_refused(tmp_path):
+    from nrrdd.io import atomic_save_safetensors
+
+    parts = LabelParts(tmp_path / "p", {"run": 1}, every=2)
+    parts.save(torch.zeros(2, 3, 4, dtype=torch.float16), 0, 2)
+    atomic_save_safetensors(tmp_path / "p" / "epochs_00002-00002.safetensors", {"labels": torch.zeros(0, 3, 4)},
+                            metadata={"identity": parts.store.identity})
+    with pytest.raises(ValueError, match="at least one epoch"):
+        LabelParts(tmp_path / "p", {"run": 1}, every=2).first_epoch()

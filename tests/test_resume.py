@@ -178,7 +178,7 @@ def test_interrupted_write_without_resume_pieces_is_left_alone_with_a_message(tm
     (tmp_path / "s" / "syn").rename(tmp_path / "s" / ".syn.partial")     # the state a kill before the rename leaves
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
-    assert "no resume pieces to rebuild it from: remove both" in capsys.readouterr().err
+    assert "no resume pieces to make it again from: remove both" in capsys.readouterr().err
     assert (tmp_path / "s" / "synthetic.safetensors").exists() and (tmp_path / "s" / ".syn.partial").is_dir()
 
 
