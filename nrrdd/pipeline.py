@@ -215,9 +215,9 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                          "leave pure noise")
     ctx = make_context(cfg, like=ctx)
     out = Path(cfg.out)
-    if not _reopen_interrupted_write(cfg, ctx, out):    # else write_synthetic replaces the set, atomically
+    if not _reopen_unfinished(cfg, ctx, out):         # else write_synthetic replaces the set, atomically
         refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
-    refuse_overwrite(out / "syn", "a folder of synthetic images")
+        refuse_overwrite(out / "syn", "a folder of synthetic images")
     sp = ctx.splits
     teacher = load_teacher(ctx) if (cfg.method != "random" or cfg.resolved_refine()) else None
     needs_cam = cfg.method == "nrrdd" or (cfg.resolved_refine() and not sre2l)
@@ -281,33 +281,35 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
         return _follower_done(ctx, {"out": str(out), "n_images": int(images.shape[0])})
     with _timed(ctx, "write"):
         write_synthetic(out, images, d.labels, masks, sp)
-    parts.remove()                                  # the synthetic set is written: its pieces are spent
-    found.remove()
     cfg.save(out / "config.json")
+    # the manifest marks the run finished; the pieces go after it, so a kill before it can still --resume
     write_manifest(out, stage="distill", config=cfg.to_dict(), **_provenance(ctx),
                    synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
                    timings=dict(ctx.timings), loader=d.loader, skipped_files=d.skipped + _ignored(sp),
                    sources=d.sources, selection_resumed=resumed_selection)
+    parts.remove()                                  # the synthetic set is written: its pieces are spent
+    found.remove()
     ctx.dist.barrier()                              # the other ranks wait for the files
     return {"out": str(out), "n_images": int(images.shape[0]), "timings": dict(ctx.timings)}
 
 
-def _reopen_interrupted_write(cfg: RunConfig, ctx: Context, out: Path) -> bool:
-    """Whether this run finishes a distillation killed between the last two steps of :func:`write_synthetic`
-    (``synthetic.safetensors`` written, its PNG folder not yet renamed from ``.syn.partial`` to ``syn``): a
-    whole set in an unfinished run. With --resume and the run's resume pieces there, the set is made again
-    from them and replaces the file atomically (the same bytes: a kill at that point leaves every refined
-    batch among the pieces); the old file stays until then. Otherwise the run stops and says what to do."""
-    staged = out / ".syn.partial"
-    interrupted = (out / "synthetic.safetensors").exists() and staged.is_dir() and not (out / "syn").exists()
-    if not interrupted:
+def _reopen_unfinished(cfg: RunConfig, ctx: Context, out: Path) -> bool:
+    """Whether this run finishes a distillation killed after it began writing its set but before its manifest
+    (written last, before the resume pieces are removed): ``synthetic.safetensors`` there, its PNG folder
+    staged (``.syn.partial``) or published (``syn``), no ``manifest_distill.json``. With --resume and the run's
+    resume pieces there, the set is made again from them (the same bytes: every refined batch is among them)
+    and replaces the file and the folder atomically; the old ones stay until then. Otherwise the run stops
+    and says what to do."""
+    unfinished = ((out / "synthetic.safetensors").exists() and not (out / "manifest_distill.json").exists()
+                  and ((out / ".syn.partial").is_dir() or (out / "syn").is_dir()))
+    if not unfinished:
         return False
     found = DiscoveryStore(out / "discover.parts", _identity(ctx, NOT_DISTILL))
     pieces = found.exists() or ChunkStore(out / "refine.parts", {}).exists()
-    what = (f"{out} holds a synthetic set whose writing was interrupted (synthetic.safetensors is written, its "
-            f"PNG folder {staged} was not yet published)")
+    what = f"{out} holds the synthetic set of a distillation killed before it finished (no manifest_distill.json)"
     if not pieces:
-        raise FileExistsError(f"{what}, and no resume pieces to make it again from: remove both and run again")
+        raise FileExistsError(f"{what}, and no resume pieces to make it again from: remove synthetic.safetensors "
+                              "and the syn/ or .syn.partial/ folder, and run again")
     if not cfg.resume:
         raise FileExistsError(f"{what}: pass --resume to make it again from the resume pieces in {out}")
     if found.exists():
@@ -362,7 +364,8 @@ def write_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, masks
 
     All or nothing: the PNGs go to a hidden staging folder, then the safetensors file is written, then the
     folder is renamed to ``syn``; a failure on the way (a full disk) removes the staging folder, so a reader
-    never finds part of a synthetic set (the refinement pieces stay, for --resume)."""
+    never finds part of a synthetic set (the refinement pieces stay, for --resume). A resumed run making its
+    set again replaces both: the file atomically, the folder by a swap."""
     staging = out / ".syn.partial"
     shutil.rmtree(staging, ignore_errors=True)          # left by a run killed while writing
     try:
@@ -383,7 +386,12 @@ def write_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, masks
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    staging.rename(out / "syn")
+    final, old = out / "syn", out / ".syn.old"
+    if final.exists():          # a resumed run making its set again: swap the folders, then drop the old one
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_synthetic(syn_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

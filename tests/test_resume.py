@@ -127,10 +127,27 @@ def test_killed_distillation_resumes_after_discovery_at_its_refinement_batch(tmp
     assert manifest["sources"] == ref_manifest["sources"]
 
 
-def test_distillation_killed_between_the_set_and_its_png_folder_is_finished_by_resume(tmp_path, capsys):
-    """The last two steps of writing a set: synthetic.safetensors, then the PNG folder renamed from its staging
-    name. A SIGKILL between them leaves a whole safetensors file and an unpublished folder; --resume writes the
-    set again from the resume pieces (refused without --resume, and with other settings), to the same bytes."""
+_KILL_AT = {  # code run before the CLI in a child process: SIGKILL itself at one step of finishing a distillation
+    # synthetic.safetensors written, its PNG folder not yet renamed from .syn.partial to syn
+    "publish": ("from pathlib import Path\n"
+                "rename = Path.rename\n"
+                "def killed(self, target):\n"
+                "    if self.name == '.syn.partial':\n"
+                "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                "    return rename(self, target)\n"
+                "Path.rename = killed\n"),
+    # the set and its folder published, config.json written, the manifest not yet
+    "manifest": ("import nrrdd.pipeline as P\n"
+                 "P.write_manifest = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"),
+}
+
+
+@pytest.mark.parametrize("at", sorted(_KILL_AT))
+def test_distillation_killed_while_finishing_is_finished_by_resume(tmp_path, capsys, at):
+    """The last steps of a distillation: synthetic.safetensors, the PNG folder renamed from its staging name,
+    config.json, the manifest, then the resume pieces removed. A SIGKILL before the manifest leaves an
+    unfinished run; --resume makes the set again from the pieces (refused without --resume, and with other
+    settings), to the same bytes, and finishes it."""
     import torch
 
     from nrrdd.models import build_model
@@ -143,29 +160,21 @@ def test_distillation_killed_between_the_set_and_its_png_folder_is_finished_by_r
     ref = tmp_path / "ref"
     assert main(args(ref)) == 0
     syn = tmp_path / "syn"
-    kill_at_publish = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
-        "rename = Path.rename\n"
-        "def killed(self, target):\n"
-        "    if self.name == '.syn.partial':\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return rename(self, target)\n"
-        "Path.rename = killed\n"
-        f"from nrrdd.cli import main; sys.exit(main({args(syn)!r}))"
-    )
-    p = subprocess.run([sys.executable, "-c", kill_at_publish], capture_output=True)
+    code = f"import os, signal, sys\n{_KILL_AT[at]}from nrrdd.cli import main; sys.exit(main({args(syn)!r}))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
-    assert (syn / "synthetic.safetensors").exists() and (syn / ".syn.partial").is_dir() and not (syn / "syn").exists()
+    assert (syn / "synthetic.safetensors").exists() and not (syn / "manifest_distill.json").exists()
+    assert ((syn / ".syn.partial").is_dir(), (syn / "syn").is_dir()) == ((True, False) if at == "publish" else (False, True))
     capsys.readouterr()
     assert main(args(syn)) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert main(args(syn, "--nrr-eps", "0.3", "--resume")) == 2   # pieces of other settings: refused, nothing removed
-    assert (syn / "synthetic.safetensors").exists() and (syn / ".syn.partial").is_dir()
+    assert (syn / "synthetic.safetensors").exists()
     assert main(args(syn, "--resume")) == 0
     for name in ["synthetic.safetensors", *(str(q.relative_to(ref)) for q in (ref / "syn").rglob("*.png"))]:
         assert (syn / name).read_bytes() == (ref / name).read_bytes(), name
-    assert not (syn / ".syn.partial").exists() and not (syn / "refine.parts").exists()
+    assert sorted(q.name for q in (syn / "syn").rglob("*.png")) == sorted(q.name for q in (ref / "syn").rglob("*.png"))
+    assert not any((syn / n).exists() for n in (".syn.partial", ".syn.old", "refine.parts", "discover.parts"))
     assert json.loads((syn / "manifest_distill.json").read_text())["selection_resumed"] is True
 
 
@@ -175,10 +184,11 @@ def test_interrupted_write_without_resume_pieces_is_left_alone_with_a_message(tm
     args = ["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", "--out", str(tmp_path / "s"),
             *SMALL]
     assert main(args) == 0
-    (tmp_path / "s" / "syn").rename(tmp_path / "s" / ".syn.partial")     # the state a kill before the rename leaves
+    (tmp_path / "s" / "syn").rename(tmp_path / "s" / ".syn.partial")     # the state a kill before the rename leaves:
+    (tmp_path / "s" / "manifest_distill.json").unlink()                  # (the manifest is written last)
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
-    assert "no resume pieces to make it again from: remove both" in capsys.readouterr().err
+    assert "no resume pieces to make it again from: remove synthetic.safetensors" in capsys.readouterr().err
     assert (tmp_path / "s" / "synthetic.safetensors").exists() and (tmp_path / "s" / ".syn.partial").is_dir()
 
 
