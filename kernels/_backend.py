@@ -114,6 +114,15 @@ def check_backend_arg(backend: str | None) -> str:
     return b
 
 
+def pow2_divisor(*ints: int) -> int:
+    """The largest power of two up to 16 dividing every integer (0 divides by anything): what a kernel may
+    tell Triton about a size, which on its own assumes 16 or nothing."""
+    a = 16
+    while a > 1 and any(i % a for i in ints):
+        a //= 2
+    return a
+
+
 class Launch:
     """One Triton kernel launch exactly as a host launcher builds it: ``kernel[grid](*args, **meta)``,
     ``meta`` holding the constexpr arguments and launch options (``num_warps``).

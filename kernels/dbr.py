@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._backend import Launch, check_backend_arg, resolve_backend, triton_available
+from ._backend import Launch, check_backend_arg, pow2_divisor, resolve_backend, triton_available
 
 __all__ = [
     "dbr_distances",
@@ -187,9 +187,8 @@ if triton_available():
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,  # a power of two dividing C and both row strides (up to 16)
     ):
-        # Triton only knows on its own that an integer divides by 16; C = 1000 (ImageNet-1K) divides
-        # by 8, which is enough for 16-byte loads of fp16/bf16 rows and of fp32 rows: say so.
-        # (n // A) * A == n here; the form tells the compiler that A divides n (16: Triton knows it on its own)
+        # C = 1000 (ImageNet-1K) divides by 8, enough for 16-byte loads of its rows; Triton assumes 16 or
+        # nothing. (n // A) * A == n here, and that form tells the compiler that A divides n.
         if ALIGN > 1 and ALIGN < 16:
             C = (C // ALIGN) * ALIGN
             stride_z = (stride_z // ALIGN) * ALIGN
@@ -253,14 +252,6 @@ def _launch_cfg(C: int, device_type: str) -> tuple[int, int]:
     return block, num_warps
 
 
-def _align(*ints: int) -> int:
-    """The largest power of two up to 16 that divides every integer (0 divides by anything)."""
-    a = 16
-    while a > 1 and any(i % a for i in ints):
-        a //= 2
-    return a
-
-
 def _rows_ready(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
@@ -282,7 +273,7 @@ def plan_dbr_distances(logits, y_org, y_aug, temperature: float = 1.0, device_ty
         (B,),
         (z, z.stride(0), z, 0, y_org.contiguous(), y_aug.contiguous(), d_org, d_org, d_org, d_org, d_aug, d_org,
          C, 1.0 / float(temperature), 0.0, 1.0),
-        dict(COMPUTE_LOSS=False, COMPUTE_GRAD=False, SQUARED=False, BLOCK=block, ALIGN=_align(C, z.stride(0)),
+        dict(COMPUTE_LOSS=False, COMPUTE_GRAD=False, SQUARED=False, BLOCK=block, ALIGN=pow2_divisor(C, z.stride(0)),
              num_warps=warps),
     )
     return launch, (d_org, d_aug)
@@ -319,7 +310,7 @@ def plan_dbr_rows(
          loss, loss, loss,
          C, 1.0 / float(temperature), float(alpha), float(grad_scale)),
         dict(COMPUTE_LOSS=True, COMPUTE_GRAD=bool(compute_grad), SQUARED=bool(squared), BLOCK=block,
-             ALIGN=_align(C, z.stride(0)), num_warps=warps),
+             ALIGN=pow2_divisor(C, z.stride(0)), num_warps=warps),
     )
     return launch, (loss, grad)
 

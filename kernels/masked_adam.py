@@ -32,7 +32,7 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
-from ._backend import Launch, check_backend_arg, resolve_backend, triton_available
+from ._backend import Launch, check_backend_arg, pow2_divisor, resolve_backend, triton_available
 
 __all__ = ["masked_adam_", "masked_adam_reference_", "masked_adam_triton_", "plan_masked_adam", "MaskedAdam"]
 
@@ -216,14 +216,6 @@ _BLOCK = 1024  # elements of one plane per program (fewer for small planes)
 _MAX_UNROLL = 8  # images with up to this many channels are handled one image per program
 
 
-def _align(n: int) -> int:
-    """The largest power of two up to 16 that divides ``n``."""
-    a = 16
-    while a > 1 and n % a:
-        a //= 2
-    return a
-
-
 def plan_masked_adam(
     x: torch.Tensor,
     grad: torch.Tensor,
@@ -293,7 +285,7 @@ def plan_masked_adam(
         (xs, gs, ms, vs, mk, lo_t, hi_t, C, HW, n_blocks,
          w1, 1 - w1, beta2, 1 - beta2, bias_correction2**0.5, eps, -step_size),
         dict(CH=CH, LERP_SMALL=abs(w1) < 0.5, HAS_MASK=has_mask, MASK_BCAST=bcast, HAS_BOUNDS=b is not None,
-             IDX64=n + block >= 2**31, BLOCK=block, ALIGN=_align(HW), num_warps=4),
+             IDX64=n + block >= 2**31, BLOCK=block, ALIGN=pow2_divisor(HW), num_warps=4),
     )
     return launch, write_back
 

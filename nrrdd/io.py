@@ -97,7 +97,7 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     return _atomic(path, write)
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
+def safetensors_header(path: str | Path) -> tuple[dict, int]:
     """(the header of a safetensors file, the offset of its data)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -112,7 +112,7 @@ def atomic_concat_safetensors(path: str | Path, name: str, pieces: list[str | Pa
     :func:`atomic_save_safetensors` writes for the whole tensor (same header, same padding)."""
     heads = []
     for piece in pieces:
-        header, start = _safetensors_header(Path(piece))
+        header, start = safetensors_header(piece)
         if name not in header:
             raise ValueError(f"{piece} holds no tensor {name!r}")
         heads.append((Path(piece), header[name], start))

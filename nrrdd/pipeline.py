@@ -36,7 +36,8 @@ from .data import Splits, describe_class_mismatch, load_splits
 from .discover import Discovery, assemble, select
 from .dist import SINGLE, Dist, setup as setup_dist
 from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
-                 ensure_writable, file_sha256, load_safetensors, refuse_overwrite, tensor_sha256, write_manifest)
+                 ensure_writable, file_sha256, load_safetensors, refuse_overwrite, safetensors_header, tensor_sha256,
+                 write_manifest)
 from .models import build_model, load_model, parse_model_kwargs
 from .refine import refine, rows_of_rank
 from .relabel import LabelParts, load_labels, relabel
@@ -432,15 +433,8 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
     write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), **_provenance(ctx), labels_file=str(out),
                    label_bytes=out.stat().st_size, timings=dict(ctx.timings))
     ctx.dist.barrier()
-    return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": _label_shape(out),
+    return {"labels_file": str(out), "label_bytes": out.stat().st_size, "shape": safetensors_header(out)[0]["labels"]["shape"],
             "timings": dict(ctx.timings)}
-
-
-def _label_shape(path: Path) -> list[int]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.get_slice("labels").get_shape())
 
 
 # --- evaluate ------------------------------------------------------------------------------------------

@@ -76,8 +76,8 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
                         chunk[pe - chunk_start, k * batch_size:k * batch_size + len(v)] = v
                 if parts is not None:
                     parts.save(chunk, chunk_start, e + 1)
-                else:
-                    out = chunk if out is None else torch.cat([out, chunk])
+                else:                                       # no parts: one chunk, every epoch
+                    out = chunk
             chunk_start = e + 1
     return out if dist.is_main and parts is None else None
 

@@ -342,9 +342,9 @@ def test_dbr_loss_triton_shapes(B, C, distance, reduction):
 def test_dbr_rows_with_a_stride_other_than_c(C, width, align):
     """Logits that are a column slice of a wider tensor (row stride != C): the kernel's alignment hint
     (the largest power of two up to 16 dividing C and the row stride) must not assume more."""
-    from nrrdd.kernels.dbr import _align
+    from nrrdd.kernels._backend import pow2_divisor
 
-    assert _align(C, width) == align
+    assert pow2_divisor(C, width) == align
     B = 3
     wide, yo, ya, lam, to, ta = _dbr_inputs(B, width, seed=12, device=DEV)
     yo, ya = yo % C, ya % C
