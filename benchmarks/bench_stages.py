@@ -21,6 +21,9 @@ Rows (CSV format of every nrrdd benchmark, appended to ``--out``):
 * ``set_memory`` copies: how many copies of the synthetic set refinement and writing hold at their peaks,
   measured as the growth of peak resident memory with the set's size (two sizes, 3 x 128 x 128 images;
   ``x set`` = the set's fp32 bytes): 1.33 is the least (the images and their masks);
+* ``feed``       samples/s of student training (a tiny network, label mode hard) with the synthetic set copied
+                 whole to the device (``set_on_device``) or left in host memory, memory-mapped, and each step's rows
+                 streamed there (``streamed``); peak RSS and, on a GPU, peak device memory (``nrrdd/feed.py``);
 * ``scaling_<stage>_<param>``: the log-log slope of time (and of peak memory) against ipc, mipc and the
   number of classes (1 = linear); plotted to ``--plots``.
 
@@ -48,6 +51,7 @@ SIZES = {  # (full, quick)
     "mipc_points": ([50, 150, 300, 600], [50, 150]), "ipc_points": ([1, 10, 50], [1, 5]),
     "class_points": ([2, 5, 10], [2, 5]),
     "set_points": ([1000, 3000], [200, 600]), "set_size": (128, 64),
+    "feed": ((2000, 128, 100, 3), (400, 64, 50, 2)),     # (images, size, batch, epochs)
 }
 
 
@@ -108,6 +112,41 @@ def measure_set_memory(p: dict) -> dict:
             "seconds": time.perf_counter() - t}
 
 
+def measure_feed(p: dict) -> dict:
+    """Student training (label mode hard, the tiny network below: the feed's cost is as visible as it can be) on
+    ``n`` random 3 x ``size`` x ``size`` images read from a safetensors file as ``nrrdd evaluate`` reads them
+    (memory-mapped), with the set copied whole to the device (``on_device``) or streamed from host memory.
+    Returns samples/s of the epochs after the first, peak RSS and, on CUDA, peak device memory."""
+    from nrrdd.io import atomic_save_safetensors, load_safetensors
+    from nrrdd.train import train_student
+
+    torch.set_num_threads(p["threads"])
+    dev = torch.device(p["device"])
+    n, s = p["n"], p["size"]
+    with tempfile.TemporaryDirectory() as d:
+        g = torch.Generator().manual_seed(0)
+        atomic_save_safetensors(Path(d) / "s.safetensors", {"images": torch.randn(n, 3, s, s, generator=g)})
+        images, labels = load_safetensors(Path(d) / "s.safetensors")[0]["images"], torch.arange(n) % 10
+        torch.manual_seed(0)
+        kw = dict(mode="hard", batch_size=p["batch_size"], seed=0, factor=2, device=dev, show_progress=False,
+                  set_on_device=p["on_device"], precision=p["precision"])
+        student = _TinyTeacher()
+        train_student(student, images, labels, epochs=1, **kw)            # warm-up (and the page cache)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakMemory() as mem:
+            t = time.perf_counter()
+            train_student(student, images, labels, epochs=p["epochs"], **kw)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            out = {"work": n * p["epochs"], "seconds": time.perf_counter() - t, "set_bytes": images.numel() * 4}
+        out["peak_rss"] = mem.peak
+        if dev.type == "cuda":
+            out["peak_cuda"] = torch.cuda.max_memory_allocated()
+    return out
+
+
 class _TinyTeacher(torch.nn.Module):
     """3 -> 8 channels, BatchNorm, ReLU, global average pool, linear: ~200 multiply-adds per pixel."""
 
@@ -131,6 +170,8 @@ def measure(p: dict) -> dict:
     """Run one stage as described by ``p``; returns work done, seconds, and peak memory."""
     if p["stage"] == "set_memory":
         return measure_set_memory(p)
+    if p["stage"] == "feed":
+        return measure_feed(p)
     from nrrdd.data import load_splits
     from nrrdd.discover import discover
     from nrrdd.models import build_model, load_model
@@ -274,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="auto", help="auto (as runs: bf16 where the hardware has it) | fp32 | bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default=None, help="a conv3 Fashion-MNIST checkpoint (default: untrained)")
-    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: throughput memory set storage scaling")
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: throughput memory set feed storage scaling")
     ap.add_argument("--out", default="benchmarks/results/stages.csv", help="CSV file (rows are appended)")
     ap.add_argument("--plots", default="benchmarks/results/plots", help="folder for the scaling plots")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -365,6 +406,12 @@ def main(argv=None) -> int:
         plot_scaling(scaling, Path(args.plots))
     if "set" not in args.skip:
         set_memory(rec, table, size, args.threads)
+    if "feed" not in args.skip:
+        fs = size["feed"]
+        shape = f"n{fs[0]} 3x{fs[1]}x{fs[1]} b{fs[2]} E{fs[3]} tiny {args.precision}"
+        for on_device in (True, False):
+            point("feed", "set_on_device" if on_device else "streamed", shape, "samples/s",
+                  dict(base, stage="feed", n=fs[0], size=fs[1], batch_size=fs[2], epochs=fs[3], on_device=on_device))
     if "storage" not in args.skip:
         label_storage(rec, table)
 

@@ -175,26 +175,30 @@ def epoch_augment(seed: int, epoch: int, n: int, size: int, factor: int, cutmix_
                         t(np.stack([y1, x1, y2 - y1, x2 - x1], 1)))
 
 
-def _view(images: torch.Tensor, aug: EpochAugment, idx: torch.Tensor, factor: int) -> torch.Tensor:
-    size = images.shape[-1]
-    x = shuffle_patches(images[idx], aug.perms[idx], factor)
+def _view(rows: torch.Tensor, aug: EpochAugment, idx: torch.Tensor, factor: int) -> torch.Tensor:
+    """The student's view of samples ``idx`` from their images ``rows`` [b, C, S, S]."""
+    size = rows.shape[-1]
+    x = shuffle_patches(rows, aug.perms[idx], factor)
     x = crop_resize(x, aug.boxes[idx], size)
     flip = aug.flip[idx].to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
 
 def mixed_batch(images: torch.Tensor, labels: torch.Tensor, aug: EpochAugment, idx: torch.Tensor,
-                factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                factor: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's view of samples ``idx`` this epoch.
 
     images [N, C, S, S] (the whole synthetic set, normalised), labels [N]; returns x_mix [b, C, S, S],
     y_org [b], y_aug [b] and lam [b] (float32): x_mix is sample i's view with the cut box taken from the
-    view of pi(i).
+    view of pi(i). ``rows``: (images[idx], images[pi(idx)]) already gathered, e.g. on the device while the
+    set stays in host memory (:class:`nrrdd.feed.SetFeed`); x_mix is where they are.
     """
     idx = torch.as_tensor(idx, dtype=torch.long)
     part = aug.partner[idx]
-    xa = _view(images, aug, idx, factor)
-    xb = _view(images, aug, part, factor)
+    rows_a, rows_b = rows if rows is not None else (images[idx], images[part])
+    xa = _view(rows_a, aug, idx, factor)
+    xb = _view(rows_b, aug, part, factor)
     S = images.shape[-1]
     cut = aug.cut[idx]
     rows = torch.arange(S).view(1, S, 1)

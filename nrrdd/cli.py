@@ -37,6 +37,9 @@ HELP = {
     "refine": "stage 2 on/off; None: on for nrrdd and sre2l, off for rded and random",
     "sre2l_iterations": "method sre2l: optimisation steps per batch (uses --nrr-lr, --nrr-betas, --a-bn)",
     "sre2l_jitter": "method sre2l: each step roll the teacher's input by up to this many px (per axis)",
+    "set_on_device": "relabel and student training: copy the whole synthetic set to the device, or keep it in "
+                     "host memory and stream each step's rows there; None: on the device when it takes at most "
+                     "half its free memory (the batches are the same either way)",
     "sre2l_flip": "method sre2l: each step flip the teacher's input with p 0.5; None: on, except for mnist",
 }
 

@@ -77,6 +77,7 @@ class RunConfig:
     eval_batch_size: int = 500
     compile: bool | None = None         # torch.compile student training; None: where it pays (see resolved_compile)
     sync_bn: bool | None = None         # several processes: SyncBatchNorm in the student; None: on CUDA (CPU has none)
+    set_on_device: bool | None = None   # relabel/train: the whole synthetic set on the device; None: if it fits
 
     # --- teacher training ----------------------------------------------------------------------------
     teacher_epochs: int = 5

@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from nrrdd.kernels import dbr_distances
 
-from .augment import epoch_augment, mixed_batch
+from .augment import epoch_augment
 from .dist import SINGLE, Dist
+from .feed import SetFeed
 from .io import ChunkStore, atomic_concat_safetensors, atomic_save_safetensors, load_safetensors
 from .runtime import autocast, progress
 
@@ -23,7 +24,7 @@ from .runtime import autocast, progress
 def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int, seed: int,
             factor: int, cutmix_alpha: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
             device="cpu", precision: str = "fp32", parts: "LabelParts | None" = None,
-            show_progress: bool = True, dist: Dist = SINGLE) -> torch.Tensor | None:
+            show_progress: bool = True, dist: Dist = SINGLE, set_on_device: bool | None = None) -> torch.Tensor | None:
     """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order.
 
     ``parts``: write the labels in chunks of ``parts.every`` epochs as they are made, and start after the
@@ -32,13 +33,15 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     epochs are 30 GB): returns None, and :meth:`LabelParts.write` makes the label file from them.
     ``dist``: sample batch ``k`` of epoch ``e`` (the same batches as in one process) is computed by rank
     ``(e * batches_per_epoch + k) % world``; rank 0 collects them at every chunk (and, without ``parts``,
-    returns the labels), the other ranks return None."""
+    returns the labels), the other ranks return None.
+    ``set_on_device``: copy the whole set to the device (None: when it fits, :func:`nrrdd.feed.set_on_device`)
+    or leave it in host memory and stream each batch's rows there."""
     if mode not in ("dbr", "soft"):
         raise ValueError(f"relabel mode must be 'dbr' or 'soft', not {mode!r}")
     teacher.eval()
     device = torch.device(device)
     N, S = images.shape[0], images.shape[-1]
-    images = images.to(device)
+    feed = SetFeed(images, labels, factor=factor, device=device, resident=set_on_device)
     n_batches = -(-N // batch_size)
     out, first = None, (parts.first_epoch() if parts is not None else 0)
     # every rank has found where to start before rank 0 can finish (all chunks there) and remove the chunks
@@ -48,11 +51,9 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress and dist.is_main,
                       total=epochs, initial=first):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
-        for k in range(n_batches):
-            if not dist.owns(e * n_batches + k):
-                continue
-            idx = torch.arange(k * batch_size, min(N, (k + 1) * batch_size))
-            x, y_org, y_aug, _ = mixed_batch(images, labels, aug, idx, factor)
+        mine = [k for k in range(n_batches) if dist.owns(e * n_batches + k)]
+        batches = [torch.arange(k * batch_size, min(N, (k + 1) * batch_size)) for k in mine]
+        for k, idx, (x, y_org, y_aug, _) in zip(mine, batches, feed.batches(aug, batches)):
             with autocast(device, precision):
                 logits = teacher(x)
             if mode == "dbr":

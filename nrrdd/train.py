@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from nrrdd.kernels import DBRLoss
 
-from .augment import STREAM_ORDER, epoch_augment, mixed_batch, rng
+from .augment import STREAM_ORDER, epoch_augment, rng
 from .data import ImageSet, Normalizer
 from .dist import SINGLE, Dist
+from .feed import SetFeed
 from .runtime import autocast, progress
 
 
@@ -139,7 +140,8 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                   temperature: float = 20.0, cutmix_alpha: float = 1.0, alpha_dbr: float = 1.0,
                   dbr_distance: str = "l1", dbr_temperature: float = 1.0, device="cpu", precision: str = "fp32",
                   compile: bool = False, checkpoint: "TrainCheckpoint | None" = None,
-                  show_progress: bool = True, dist: Dist = SINGLE, sync_bn: bool = False) -> nn.Module:
+                  show_progress: bool = True, dist: Dist = SINGLE, sync_bn: bool = False,
+                  set_on_device: bool | None = None) -> nn.Module:
     """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N].
 
     ``compile``: run the student's (and an online teacher's) forward and backward through
@@ -153,7 +155,10 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
     ``dist``: data parallel (DistributedDataParallel). Each step's batch is the one-process batch, split into
     ``world`` parts; every rank's loss is its part's sum / the batch size x world, so the averaged gradient
     is the one-process gradient (up to rounding and BatchNorm statistics per part; ``sync_bn`` converts
-    BatchNorm to SyncBatchNorm, CUDA only). Rank 0 writes the checkpoints."""
+    BatchNorm to SyncBatchNorm, CUDA only). Rank 0 writes the checkpoints.
+
+    ``set_on_device``: copy the whole set to the device (None: when it fits, :func:`nrrdd.feed.set_on_device`)
+    or leave it in host memory and stream each step's rows there; the batches are the same either way."""
     device = torch.device(device)
     if mode == "online" and teacher is None:
         raise ValueError("label mode 'online' needs a teacher")
@@ -180,7 +185,7 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
     reduction = "none" if dist.active else "mean"          # several processes: per sample, summed below
     dbr = DBRLoss(alpha=alpha_dbr, temperature=dbr_temperature, distance=dbr_distance, reduction=reduction)
     first_epoch = checkpoint.restore(student, opt, sched) if checkpoint is not None else 0
-    images = images.to(device)
+    feed = SetFeed(images, labels, factor=factor, device=device, resident=set_on_device)
     model = student
     if dist.active:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
@@ -192,12 +197,11 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         order = torch.from_numpy(rng(seed, STREAM_ORDER, e).permutation(N))
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        for start in range(0, N, batch_size):
-            idx = order[start:start + batch_size]
-            n_step = len(idx)
-            if dist.active:
-                idx = idx.tensor_split(dist.world)[dist.rank]
-            x, y_org, y_aug, lam = mixed_batch(images, labels, aug, idx, factor)
+        starts = range(0, N, batch_size)
+        # this rank's part of each step's batch (the whole batch in one process)
+        parts = [order[s:s + batch_size].tensor_split(dist.world)[dist.rank] for s in starts]
+        for start, idx, (x, y_org, y_aug, lam) in zip(starts, parts, feed.batches(aug, parts)):
+            n_step = min(batch_size, N - start)
             y_org, y_aug = y_org.to(device), y_aug.to(device)
             with autocast(device, precision):
                 out = fwd_student(x)

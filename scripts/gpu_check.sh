@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU, as one command of about 6 minutes (a lent GPU comes with 15 minutes in all).
+# The checks that need an NVIDIA GPU, as one command of about 7 minutes (a lent GPU comes with 15 minutes in all).
 #
 #   here, where git is:  mkdir -p .gpu_prev && git archive 97f6248 kernels | tar -x -C .gpu_prev
 #                        (the kernels before the SASS-guided change of 2026-11-29; .gpu_prev is git-ignored)
@@ -8,7 +8,8 @@
 #    $OUT is set there)
 #
 # 1. tests/test_kernels.py compiled for and run on the GPU (TRITON_INTERPRET=0), against the references;
-# 2. benchmarks.bench_kernels at full size (masked Adam 100x3x224x224, DBR B 256 x C 1000 / 21841, fp32 and bf16):
+# 2. tests/test_feed.py on the GPU (the synthetic set streamed to the device);
+# 3. benchmarks.bench_kernels at full size (masked Adam 100x3x224x224, DBR B 256 x C 1000 / 21841, fp32 and bf16):
 #    eager and compiled references, the Triton kernels and, given a previous kernels folder, the previous
 #    kernels in the same run (provider triton-prev);
 # BENCH_ARGS replaces --half (e.g. "--quick" for a smoke run on a CPU).
@@ -40,8 +41,18 @@ TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/te
   | tee "$OUT/test_kernels.log" | tail -15
 note "test_kernels on the GPU: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s: $(tail -1 "$OUT/test_kernels.log")"
 
+# the synthetic set streamed from host memory (pinned memory, a copy stream, events): the same batches, labels and
+# student as with the set on the device, and never the set on the device (needs torchvision there)
 t0=$SECONDS
-timeout 360 python3 -m benchmarks.bench_kernels ${BENCH_ARGS:---half} --out "$OUT/kernels_cuda.csv" \
+if python3 -c "import torchvision, nrrdd.feed, nrrdd.train, nrrdd.relabel" 2>"$OUT/test_feed.log"; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_feed.py 2>&1 | tee "$OUT/test_feed.log" | tail -8
+  note "test_feed on the GPU: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s: $(tail -1 "$OUT/test_feed.log")"
+else
+  note "test_feed not run: $(tail -1 "$OUT/test_feed.log")"
+fi
+
+t0=$SECONDS
+timeout 330 python3 -m benchmarks.bench_kernels ${BENCH_ARGS:---half} --out "$OUT/kernels_cuda.csv" \
   ${PREV:+--prev-kernels "$PREV"} 2>&1 | tee "$OUT/bench_kernels.log" | tail -45
 note "bench_kernels: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
 cat "$OUT/summary.txt"

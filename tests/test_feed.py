@@ -1,0 +1,105 @@
+"""The synthetic set fed to relabelling and training: streamed from host memory or held on the device, the
+batches are the same numbers, and so are the labels and the trained student.
+
+On a machine with CUDA the same tests run on the GPU too (streamed: pinned memory, a copy stream, events),
+and one checks that the streamed set is never on the device."""
+import threading
+
+import pytest
+import torch
+
+from nrrdd.augment import epoch_augment
+from nrrdd.feed import SetFeed, set_on_device
+from nrrdd.relabel import relabel
+from nrrdd.train import train_student
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _set(n=13, c=3, s=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, s, s, generator=g), torch.arange(n) % 5
+
+
+def _feed_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("nrrdd-feed")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ahead", [1, 2, 5])
+def test_streamed_batches_are_the_resident_batches(device, ahead):
+    images, labels = _set()
+    aug = epoch_augment(seed=3, epoch=2, n=13, size=16, factor=2)
+    order = torch.randperm(13, generator=torch.Generator().manual_seed(1))
+    batches = list(order.split(4))                                  # 4, 4, 4, 1: a short last batch
+    held = list(SetFeed(images, labels, factor=2, device=device, resident=True).batches(aug, batches))
+    feed = SetFeed(images, labels, factor=2, device=device, resident=False, ahead=ahead)
+    assert not feed.resident and feed.images is images              # the set was not copied
+    streamed = list(feed.batches(aug, batches))
+    assert len(streamed) == len(held) == 4
+    for a, b in zip(streamed, held):
+        assert a[0].device.type == device
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+    assert not _feed_threads()
+
+
+def test_a_failing_gather_raises_in_the_caller_and_leaves_no_thread():
+    images, labels = _set()
+    aug = epoch_augment(seed=0, epoch=0, n=13, size=16, factor=1)
+    feed = SetFeed(images, labels, factor=1, device="cpu", resident=False)
+    with pytest.raises(IndexError):
+        list(feed.batches(aug, [torch.arange(4), torch.tensor([0, 99])]))
+    assert not _feed_threads()
+    # a consumer that stops early (a NaN, a kill signal turned into an exception) leaves no thread either
+    it = feed.batches(aug, [torch.arange(4)] * 6)
+    next(it)
+    it.close()
+    assert not _feed_threads()
+
+
+def test_placement():
+    images, _ = _set()
+    assert set_on_device(images, torch.device("cpu")) is True       # nothing to copy on the CPU
+    assert set_on_device(images, torch.device("cpu"), False) is False
+    assert set_on_device(images, torch.device("cpu"), True) is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_streamed_set_is_never_on_the_device():
+    images, labels = torch.randn(64, 3, 64, 64), torch.arange(64) % 5          # 3 MiB
+    aug = epoch_augment(seed=0, epoch=0, n=64, size=64, factor=2)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    feed = SetFeed(images, labels, factor=2, device="cuda", resident=False, ahead=2)
+    for _ in feed.batches(aug, list(torch.arange(64).split(4))):
+        pass
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < images.numel() * 4 / 2, f"{peak} bytes on the device for a streamed set of {images.numel() * 4}"
+    big = torch.empty(1, dtype=torch.uint8).expand(1 << 45)       # 32 TiB: no card holds that
+    assert set_on_device(big, torch.device("cuda")) is False
+    assert set_on_device(images, torch.device("cuda")) is True
+
+
+def _teacher(c=3, s=16, k=5):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * s * s, k)).eval()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relabel_and_training_are_the_same_from_host_or_device(device):
+    images, labels = _set()
+    kw = dict(epochs=3, seed=4, factor=2, batch_size=4, show_progress=False, device=device)
+    for mode in ("dbr", "soft"):
+        a = relabel(_teacher().to(device), images, labels, mode=mode, set_on_device=True, **kw)
+        b = relabel(_teacher().to(device), images, labels, mode=mode, set_on_device=False, **kw)
+        assert torch.equal(a, b)
+    students = []
+    for on_device in (True, False):
+        torch.manual_seed(1)
+        student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+        students.append(train_student(student, images, labels, mode="dbr", stored=a, set_on_device=on_device, **kw))
+    for p, q in zip(students[0].state_dict().values(), students[1].state_dict().values()):
+        assert torch.equal(p, q)
