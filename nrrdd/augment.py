@@ -199,11 +199,11 @@ def mixed_batch(images: torch.Tensor, labels: torch.Tensor, aug: EpochAugment, i
     rows_a, rows_b = rows if rows is not None else (images[idx], images[part])
     xa = _view(rows_a, aug, idx, factor)
     xb = _view(rows_b, aug, part, factor)
-    S = images.shape[-1]
-    cut = aug.cut[idx]
-    rows = torch.arange(S).view(1, S, 1)
-    cols = torch.arange(S).view(1, 1, S)
+    S, dev = images.shape[-1], xa.device
+    cut = aug.cut[idx].to(dev)              # the [b, S, S] cut mask is made where the images are, not copied there
+    rows = torch.arange(S, device=dev).view(1, S, 1)
+    cols = torch.arange(S, device=dev).view(1, 1, S)
     inside = ((rows >= cut[:, 0, None, None]) & (rows < (cut[:, 0] + cut[:, 2])[:, None, None])
               & (cols >= cut[:, 1, None, None]) & (cols < (cut[:, 1] + cut[:, 3])[:, None, None]))
-    x = torch.where(inside[:, None].to(xa.device), xb, xa)
+    x = torch.where(inside[:, None], xb, xa)
     return x, labels[idx], labels[part], aug.lam[idx].to(x.device)

@@ -36,6 +36,8 @@ def set_on_device(images: torch.Tensor, device: torch.device, choice: bool | Non
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
+    # memory PyTorch holds in its cache but does not use is free for the set too (e.g. an earlier stage's)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return images.numel() * images.element_size() <= RESIDENT_FRACTION * free
 
 
@@ -50,6 +52,12 @@ class SetFeed:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, factor: int, device="cpu",
                  resident: bool | None = None, ahead: int = 2):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:      # the worker thread needs the index
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if images.device == self.device != torch.device("cpu"):
+            resident = True                     # already on the GPU: nothing to copy, nothing to stream
+        elif images.device.type != "cpu":
+            raise ValueError(f"the synthetic set is on {images.device}: it must be in host memory or on {self.device}")
         self.resident = set_on_device(images, self.device, resident)
         self.images = images.to(self.device) if self.resident else images
         self.labels, self.factor, self.ahead = labels, factor, max(1, ahead)
@@ -58,7 +66,9 @@ class SetFeed:
 
     def batches(self, aug: EpochAugment, index_batches: Iterable[torch.Tensor]
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """For each batch of sample indices: ``mixed_batch``'s (x_mix, y_org, y_aug, lam), x_mix on the device."""
+        """For each batch of sample indices: ``mixed_batch``'s (x_mix, y_org, y_aug, lam), x_mix on the device.
+        Close it (``contextlib.closing``) when not consuming all of it: its thread and the batches it holds go
+        then, not when the generator is collected."""
         if self.resident:
             for idx in index_batches:
                 yield mixed_batch(self.images, self.labels, aug, idx, self.factor)

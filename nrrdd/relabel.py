@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -52,18 +53,19 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
                       total=epochs, initial=first):
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         mine = [k for k in range(n_batches) if dist.owns(e * n_batches + k)]
-        batches = [torch.arange(k * batch_size, min(N, (k + 1) * batch_size)) for k in mine]
-        for k, idx, (x, y_org, y_aug, _) in zip(mine, batches, feed.batches(aug, batches)):
-            with autocast(device, precision):
-                logits = teacher(x)
-            if mode == "dbr":
-                d_org, d_aug = dbr_distances(logits.float(), y_org.to(device), y_aug.to(device), temperature)
-                vals = torch.stack([d_org, d_aug], 1)
-            else:
-                vals = logits.float()
-            if not torch.isfinite(vals).all():
-                raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {int(idx[0])}..")
-            pending[e, k] = vals.half().cpu()
+        index_batches = [torch.arange(k * batch_size, min(N, (k + 1) * batch_size)) for k in mine]
+        with contextlib.closing(feed.batches(aug, index_batches)) as batches:    # its thread goes on any exit
+            for k, idx, (x, y_org, y_aug, _) in zip(mine, index_batches, batches):
+                with autocast(device, precision):
+                    logits = teacher(x)
+                if mode == "dbr":
+                    d_org, d_aug = dbr_distances(logits.float(), y_org.to(device), y_aug.to(device), temperature)
+                    vals = torch.stack([d_org, d_aug], 1)
+                else:
+                    vals = logits.float()
+                if not torch.isfinite(vals).all():
+                    raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {int(idx[0])}..")
+                pending[e, k] = vals.half().cpu()
         chunk_end = e + 1 == epochs or (parts is not None and (e + 1) % parts.every == 0)
         if chunk_end:
             collected = dist.gather(pending)

@@ -7,6 +7,7 @@ flip + CutMix, AdamW (no decay on biases and norm layers), cosine schedule. Labe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -200,34 +201,36 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
         starts = range(0, N, batch_size)
         # this rank's part of each step's batch (the whole batch in one process)
         parts = [order[s:s + batch_size].tensor_split(dist.world)[dist.rank] for s in starts]
-        for start, idx, (x, y_org, y_aug, lam) in zip(starts, parts, feed.batches(aug, parts)):
-            n_step = min(batch_size, N - start)
-            y_org, y_aug = y_org.to(device), y_aug.to(device)
-            with autocast(device, precision):
-                out = fwd_student(x)
-            out = out.float()
-            if mode == "online":
-                with torch.no_grad(), autocast(device, precision):
-                    t = fwd_teacher(x).float()
-                loss = kd_loss(out, t, temperature, reduction)
-            elif mode == "soft":
-                loss = kd_loss(out, stored[e, idx].to(device).float(), temperature, reduction)
-            elif mode == "dbr":
-                d = stored[e, idx].to(device).float()
-                loss = dbr(out, y_org, y_aug, lam, d[:, 0], d[:, 1])
-            else:
-                loss = (lam * F.cross_entropy(out, y_org, reduction="none")
-                        + (1 - lam) * F.cross_entropy(out, y_aug, reduction="none"))
-                loss = loss if dist.active else loss.mean()
-            if dist.active:         # this part's share of the batch mean (DDP averages the ranks' gradients)
-                loss = loss.sum() * (dist.world / n_step)
-            # remember the first non-finite step without a host sync per step (a GPU stall); checked per epoch
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), start // batch_size,
-                                    first_bad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        # closed on the way out, also by an exception: the feed's thread and the batches it holds go at once
+        with contextlib.closing(feed.batches(aug, parts)) as batches:
+            for start, idx, (x, y_org, y_aug, lam) in zip(starts, parts, batches):
+                n_step = min(batch_size, N - start)
+                y_org, y_aug = y_org.to(device), y_aug.to(device)
+                with autocast(device, precision):
+                    out = fwd_student(x)
+                out = out.float()
+                if mode == "online":
+                    with torch.no_grad(), autocast(device, precision):
+                        t = fwd_teacher(x).float()
+                    loss = kd_loss(out, t, temperature, reduction)
+                elif mode == "soft":
+                    loss = kd_loss(out, stored[e, idx].to(device).float(), temperature, reduction)
+                elif mode == "dbr":
+                    d = stored[e, idx].to(device).float()
+                    loss = dbr(out, y_org, y_aug, lam, d[:, 0], d[:, 1])
+                else:
+                    loss = (lam * F.cross_entropy(out, y_org, reduction="none")
+                            + (1 - lam) * F.cross_entropy(out, y_aug, reduction="none"))
+                    loss = loss if dist.active else loss.mean()
+                if dist.active:         # this part's share of the batch mean (DDP averages the ranks' gradients)
+                    loss = loss.sum() * (dist.world / n_step)
+                # remember the first non-finite step without a host sync per step (a GPU stall); checked per epoch
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), start // batch_size,
+                                        first_bad)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
         if dist.active:
             tdist.all_reduce(first_bad, op=tdist.ReduceOp.MAX)     # every rank stops together
         if int(first_bad) >= 0:

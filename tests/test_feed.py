@@ -13,7 +13,8 @@ from nrrdd.feed import SetFeed, set_on_device
 from nrrdd.relabel import relabel
 from nrrdd.train import train_student
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "cuda" without an index as runs in one process name it, "cuda:N" as torchrun's processes do
+DEVICES = ["cpu"] + (["cuda", f"cuda:{torch.cuda.device_count() - 1}"] if torch.cuda.is_available() else [])
 
 
 def _set(n=13, c=3, s=16, seed=0):
@@ -38,7 +39,7 @@ def test_streamed_batches_are_the_resident_batches(device, ahead):
     streamed = list(feed.batches(aug, batches))
     assert len(streamed) == len(held) == 4
     for a, b in zip(streamed, held):
-        assert a[0].device.type == device
+        assert a[0].device == feed.device
         for u, v in zip(a, b):
             assert torch.equal(u, v)
     assert not _feed_threads()
@@ -58,6 +59,19 @@ def test_a_failing_gather_raises_in_the_caller_and_leaves_no_thread():
     assert not _feed_threads()
 
 
+def test_an_error_in_the_consumer_leaves_no_thread():
+    """relabel stops at a NaN label; its traceback (kept here by pytest.raises) holds the loop's frame, and the
+    feed's thread must be gone all the same."""
+    images, labels = _set()
+    nan_teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+    with torch.no_grad():
+        nan_teacher[1].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN/inf labels") as err:
+        relabel(nan_teacher, images, labels, mode="dbr", epochs=2, seed=0, factor=2, batch_size=4,
+                show_progress=False, set_on_device=False)
+    assert err.value.__traceback__ is not None and not _feed_threads()
+
+
 def test_placement():
     images, _ = _set()
     assert set_on_device(images, torch.device("cpu")) is True       # nothing to copy on the CPU
@@ -67,20 +81,42 @@ def test_placement():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_streamed_set_is_never_on_the_device():
-    images, labels = torch.randn(64, 3, 64, 64), torch.arange(64) % 5          # 3 MiB
-    aug = epoch_augment(seed=0, epoch=0, n=64, size=64, factor=2)
+    images, labels = torch.randn(1024, 3, 64, 64), torch.arange(1024) % 5        # 48 MiB; batches of 8: 384 KiB
+    aug = epoch_augment(seed=0, epoch=0, n=1024, size=64, factor=2)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     feed = SetFeed(images, labels, factor=2, device="cuda", resident=False, ahead=2)
-    for _ in feed.batches(aug, list(torch.arange(64).split(4))):
+    for _ in feed.batches(aug, list(torch.arange(1024).split(8))):
         pass
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < images.numel() * 4 / 2, f"{peak} bytes on the device for a streamed set of {images.numel() * 4}"
+    assert peak < images.nbytes / 8, f"{peak} bytes on the device for a streamed set of {images.nbytes}"
     big = torch.empty(1, dtype=torch.uint8).expand(1 << 45)       # 32 TiB: no card holds that
     assert set_on_device(big, torch.device("cuda")) is False
     assert set_on_device(images, torch.device("cuda")) is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_device_waits_for_a_slow_copy():
+    """Each copy is held up on its stream (a 0.1 s spin kernel before it): a consumer that did not wait for
+    the copy's event would read the batch before it arrived."""
+    images, labels = _set()
+    aug = epoch_augment(seed=3, epoch=2, n=13, size=16, factor=2)
+    batches = list(torch.arange(13).split(4))
+    held = list(SetFeed(images, labels, factor=2, device="cuda", resident=True).batches(aug, batches))
+    feed = SetFeed(images, labels, factor=2, device="cuda", resident=False, ahead=2)
+    gather = feed._gather
+
+    def slow_gather(aug, idx):
+        with torch.cuda.device(feed.device), torch.cuda.stream(feed._stream):
+            torch.cuda._sleep(100_000_000)
+        return gather(aug, idx)
+
+    feed._gather = slow_gather
+    for a, b in zip(feed.batches(aug, batches), held):
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
 
 
 def _teacher(c=3, s=16, k=5):
@@ -92,14 +128,31 @@ def _teacher(c=3, s=16, k=5):
 def test_relabel_and_training_are_the_same_from_host_or_device(device):
     images, labels = _set()
     kw = dict(epochs=3, seed=4, factor=2, batch_size=4, show_progress=False, device=device)
+    made = {}
     for mode in ("dbr", "soft"):
         a = relabel(_teacher().to(device), images, labels, mode=mode, set_on_device=True, **kw)
         b = relabel(_teacher().to(device), images, labels, mode=mode, set_on_device=False, **kw)
         assert torch.equal(a, b)
+        made[mode] = a
     students = []
     for on_device in (True, False):
         torch.manual_seed(1)
         student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
-        students.append(train_student(student, images, labels, mode="dbr", stored=a, set_on_device=on_device, **kw))
+        students.append(train_student(student, images, labels, mode="dbr", stored=made["dbr"], set_on_device=on_device, **kw))
     for p, q in zip(students[0].state_dict().values(), students[1].state_dict().values()):
         assert torch.equal(p, q)
+
+
+def test_a_synthetic_set_with_nan_is_refused_naming_the_images(tmp_path):
+    """read_synthetic checks the set a chunk of images at a time (a whole-set mask is a quarter of the set):
+    images in any chunk are found, and named."""
+    from nrrdd.io import atomic_save_safetensors
+    from nrrdd.pipeline import read_synthetic
+
+    images, labels = torch.zeros(600, 1, 2, 2), torch.arange(600) % 7
+    atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
+    assert torch.equal(read_synthetic(tmp_path)[0], images)
+    images[3, 0, 1, 1], images[260, 0, 0, 0], images[599, 0, 0, 1] = float("inf"), float("nan"), float("-inf")
+    atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
+    with pytest.raises(ValueError, match=r"3 synthetic image\(s\) hold NaN/inf \(images \[3, 260, 599\], classes \[1, 3, 4\]"):
+        read_synthetic(tmp_path)
