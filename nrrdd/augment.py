@@ -129,7 +129,7 @@ def shuffle_patches(x: torch.Tensor, perms: torch.Tensor, factor: int) -> torch.
     h, w = H // factor, W // factor
     core = x[:, :, :h * factor, :w * factor]
     cells = core.reshape(B, C, factor, h, factor, w).permute(0, 2, 4, 1, 3, 5).reshape(B, factor * factor, C, h, w)
-    cells = cells[torch.arange(B)[:, None], perms.to(torch.long)]
+    cells = cells[torch.arange(B, device=x.device)[:, None], perms.to(torch.long)]
     core = cells.reshape(B, factor, factor, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * factor, w * factor)
     out = x.clone()
     out[:, :, :h * factor, :w * factor] = core
@@ -175,35 +175,60 @@ def epoch_augment(seed: int, epoch: int, n: int, size: int, factor: int, cutmix_
                         t(np.stack([y1, x1, y2 - y1, x2 - x1], 1)))
 
 
-def _view(rows: torch.Tensor, aug: EpochAugment, idx: torch.Tensor, factor: int) -> torch.Tensor:
-    """The student's view of samples ``idx`` from their images ``rows`` [b, C, S, S]."""
-    size = rows.shape[-1]
-    x = shuffle_patches(rows, aug.perms[idx], factor)
-    x = crop_resize(x, aug.boxes[idx], size)
-    flip = aug.flip[idx].to(x.device).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
+@dataclass
+class BatchAugment:
+    """The choices of one batch of ``b`` samples, gathered from an :class:`EpochAugment`: rows ``0..b-1`` are
+    the samples' own views, rows ``b..2b-1`` their CutMix partners' (``rows``: their sample indices)."""
+
+    rows: torch.Tensor      # [2b] sample indices: the batch, then pi(batch)
+    perms: torch.Tensor     # [2b, factor**2]
+    boxes: torch.Tensor     # [2b, 4]
+    flip: torch.Tensor      # [2b] bool
+    cut: torch.Tensor       # [b, 4]
+    lam: torch.Tensor       # [b]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.rows, self.perms, self.boxes, self.flip, self.cut, self.lam]
+
+    def apply(self, fn) -> "BatchAugment":
+        """The same choices with ``fn`` applied to each tensor (e.g. a copy to the device)."""
+        return BatchAugment(*(fn(t) for t in self.tensors()))
+
+
+def batch_augment(aug: EpochAugment, idx) -> BatchAugment:
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    rows = torch.cat([idx, aug.partner[idx]])
+    return BatchAugment(rows, aug.perms[rows], aug.boxes[rows], aug.flip[rows], aug.cut[idx], aug.lam[idx])
+
+
+def mix(rows: torch.Tensor, ba: BatchAugment, factor: int) -> torch.Tensor:
+    """x_mix [b, C, S, S] from ``rows`` = images[ba.rows] [2b, C, S, S]: each sample's view with the cut box
+    taken from its partner's view. Everything happens where ``rows`` and ``ba`` are (one device, no copies
+    to or from it: a GPU step needs no host synchronisation)."""
+    size, b = rows.shape[-1], ba.cut.shape[0]
+
+    def view(part: slice) -> torch.Tensor:     # the samples' (part :b) or the partners' (b:) views
+        x = shuffle_patches(rows[part], ba.perms[part], factor)
+        x = crop_resize(x, ba.boxes[part], size)
+        return torch.where(ba.flip[part].view(-1, 1, 1, 1), x.flip(-1), x)
+
+    xa, xb = view(slice(0, b)), view(slice(b, None))
+    cut = ba.cut
+    pos = torch.arange(size, device=xa.device)
+    rows_in = (pos.view(1, size, 1) >= cut[:, 0, None, None]) & (pos.view(1, size, 1) < (cut[:, 0] + cut[:, 2])[:, None, None])
+    cols_in = (pos.view(1, 1, size) >= cut[:, 1, None, None]) & (pos.view(1, 1, size) < (cut[:, 1] + cut[:, 3])[:, None, None])
+    return torch.where((rows_in & cols_in)[:, None], xb, xa)
 
 
 def mixed_batch(images: torch.Tensor, labels: torch.Tensor, aug: EpochAugment, idx: torch.Tensor,
-                factor: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's view of samples ``idx`` this epoch.
 
     images [N, C, S, S] (the whole synthetic set, normalised), labels [N]; returns x_mix [b, C, S, S],
     y_org [b], y_aug [b] and lam [b] (float32): x_mix is sample i's view with the cut box taken from the
-    view of pi(i). ``rows``: (images[idx], images[pi(idx)]) already gathered, e.g. on the device while the
-    set stays in host memory (:class:`nrrdd.feed.SetFeed`); x_mix is where they are.
+    view of pi(i). (:class:`nrrdd.feed.SetFeed` makes the same batches on a device, from a set in host memory.)
     """
-    idx = torch.as_tensor(idx, dtype=torch.long)
-    part = aug.partner[idx]
-    rows_a, rows_b = rows if rows is not None else (images[idx], images[part])
-    xa = _view(rows_a, aug, idx, factor)
-    xb = _view(rows_b, aug, part, factor)
-    S, dev = images.shape[-1], xa.device
-    cut = aug.cut[idx].to(dev)              # the [b, S, S] cut mask is made where the images are, not copied there
-    rows = torch.arange(S, device=dev).view(1, S, 1)
-    cols = torch.arange(S, device=dev).view(1, 1, S)
-    inside = ((rows >= cut[:, 0, None, None]) & (rows < (cut[:, 0] + cut[:, 2])[:, None, None])
-              & (cols >= cut[:, 1, None, None]) & (cols < (cut[:, 1] + cut[:, 3])[:, None, None]))
-    x = torch.where(inside[:, None], xb, xa)
-    return x, labels[idx], labels[part], aug.lam[idx].to(x.device)
+    ba = batch_augment(aug, idx)
+    b = ba.cut.shape[0]
+    x = mix(images[ba.rows], ba.apply(lambda t: t.to(images.device)), factor)
+    return x, labels[ba.rows[:b]], labels[ba.rows[b:]], ba.lam.to(x.device)

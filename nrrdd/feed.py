@@ -4,22 +4,26 @@ A synthetic set of ImageNet-1K at IPC 50 is 30 GB of fp32 images, at IPC 200 120
 it leaves no room for the model (IPC 100 and up fit on no card), and every process of a node holds its own
 copy. So the set stays in host memory (a memory map of ``synthetic.safetensors``, one copy per node
 whatever the number of processes) and each step's rows, the samples and their CutMix partners, go to the
-device: a background thread gathers the rows of the batches ahead into pinned memory and copies them on
-their own CUDA stream while the device works on the current batch. A set that takes at most
-``RESIDENT_FRACTION`` of the device's free memory is copied whole instead (no per-step copy at all).
+device. A set that takes at most ``RESIDENT_FRACTION`` of the device's free memory is copied whole instead
+and each step's rows are gathered there.
 
-Either way the batches are the same numbers: the augmentation runs on the gathered rows, on the device, as
-it would on the whole set (``mixed_batch(..., rows=)``).
+On a GPU either way, a background thread prepares the steps ahead: it gathers their augmentation choices,
+labels (and stored labels) and, for a set in host memory, their image rows into pinned memory, and copies
+them to the device on a CUDA stream of its own. The training step then only waits for that copy on the
+device: it never waits on the host for the GPU (a ``.to(device)`` of pageable memory would, every step, so
+that the host could not queue the next step while the GPU computes). The batches are the same numbers
+either way: the augmentation runs on the gathered rows (:func:`nrrdd.augment.mix`) as it would on the whole
+set. On the CPU, with the set where it is mapped, the steps are made in the caller's thread as before.
 """
 from __future__ import annotations
 
 import concurrent.futures
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 
-from .augment import EpochAugment, mixed_batch
+from .augment import BatchAugment, EpochAugment, batch_augment, mix
 
 # auto placement: the whole set on the device when it takes at most this fraction of the device's free memory
 RESIDENT_FRACTION = 0.5
@@ -41,12 +45,31 @@ def set_on_device(images: torch.Tensor, device: torch.device, choice: bool | Non
     return images.numel() * images.element_size() <= RESIDENT_FRACTION * free
 
 
+class Batch(NamedTuple):
+    """One step's batch of ``b`` samples, on the device: what :func:`nrrdd.augment.mixed_batch` returns, and the
+    rows ``extra`` gave for them (stored labels), if any."""
+    x: torch.Tensor         # [b, C, S, S] x_mix
+    y_org: torch.Tensor     # [b]
+    y_aug: torch.Tensor     # [b] the CutMix partners' labels
+    lam: torch.Tensor       # [b] float32
+    extra: torch.Tensor | None
+
+
+class _Step(NamedTuple):
+    """A step made ready by :meth:`SetFeed._prepare`: on the device (or, on the CPU, where the set is)."""
+    ba: BatchAugment
+    labels: torch.Tensor            # [2b]: y_org, then y_aug
+    extra: torch.Tensor | None
+    rows: torch.Tensor | None       # [2b, C, S, S] images[ba.rows] (None: gather from the set on the device)
+    done: "torch.cuda.Event | None"  # the copy's event on the feed's stream
+
+
 class SetFeed:
     """Mixed batches of the synthetic set on ``device``: images [N, C, S, S] (normalised), labels [N].
 
-    ``resident``: the whole set is copied to the device once, and batches are cut from it there. Otherwise
-    the set stays where it is and ``ahead`` batches are gathered (and copied, on CUDA) in a background thread
-    before they are needed.
+    ``resident``: the whole set is copied to the device once, and batches are cut from it there (None:
+    :func:`set_on_device` decides). Otherwise the set stays where it is and each step's rows are gathered from
+    it. ``ahead``: steps prepared by the background thread before they are needed (CUDA, or a streamed set).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, factor: int, device="cpu",
@@ -60,57 +83,69 @@ class SetFeed:
             raise ValueError(f"the synthetic set is on {images.device}: it must be in host memory or on {self.device}")
         self.resident = set_on_device(images, self.device, resident)
         self.images = images.to(self.device) if self.resident else images
-        self.labels, self.factor, self.ahead = labels, factor, max(1, ahead)
-        self._cuda = self.device.type == "cuda" and not self.resident
+        self.labels, self.factor, self.ahead = labels.cpu(), factor, max(1, ahead)
+        self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        # in the caller's thread when there is nothing to overlap: on the CPU with the set where it is
+        self._inline = not self._cuda and self.resident
 
-    def batches(self, aug: EpochAugment, index_batches: Iterable[torch.Tensor]
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """For each batch of sample indices: ``mixed_batch``'s (x_mix, y_org, y_aug, lam), x_mix on the device.
-        Close it (``contextlib.closing``) when not consuming all of it: its thread and the batches it holds go
-        then, not when the generator is collected."""
-        if self.resident:
+    def batches(self, aug: EpochAugment, index_batches: Iterable[torch.Tensor],
+                extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Batch]:
+        """A :class:`Batch` for each batch of sample indices; ``extra(idx)``: rows of the caller's own (e.g.
+        stored labels, on the CPU) that travel with the batch. Close it (``contextlib.closing``) when not
+        consuming all of it: its thread and the batches it holds go then, not when the generator is collected."""
+        if self._inline:
             for idx in index_batches:
-                yield mixed_batch(self.images, self.labels, aug, idx, self.factor)
+                yield self._batch(self._prepare(aug, idx, extra))
             return
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nrrdd-feed")
         queue: deque = deque()
         todo = iter(index_batches)
         try:
-            for idx in todo:            # the first ``ahead`` batches start before the first is used
-                queue.append((idx, pool.submit(self._gather, aug, idx)))
+            for idx in todo:            # the first ``ahead`` steps start before the first is used
+                queue.append(pool.submit(self._prepare, aug, idx, extra))
                 if len(queue) >= self.ahead:
                     break
             while queue:
-                idx, job = queue.popleft()
+                job = queue.popleft()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    queue.append((nxt, pool.submit(self._gather, aug, nxt)))
-                rows = self._arrived(*job.result())
-                yield mixed_batch(self.images, self.labels, aug, idx, self.factor, rows=rows)
+                    queue.append(pool.submit(self._prepare, aug, nxt, extra))
+                yield self._batch(job.result())
         finally:
-            for _, job in queue:
+            for job in queue:
                 job.cancel()
             pool.shutdown(wait=True)
 
-    def _gather(self, aug: EpochAugment, idx: torch.Tensor):
-        """Rows ``idx`` and their CutMix partners, [2b, C, S, S], on the device (an event to wait for on CUDA)."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        rows = torch.cat([idx, aug.partner[idx]])
+    def _prepare(self, aug: EpochAugment, idx, extra) -> _Step:
+        """Gather step ``idx`` on the host; on CUDA copy it to the device on the feed's stream (pinned memory,
+        no wait on the host)."""
+        ba = batch_augment(aug, idx)
+        labels = self.labels[ba.rows]
+        ex = extra(ba.rows[:ba.cut.shape[0]]) if extra is not None else None
+        rows = None
+        if not self.resident:
+            shape = (len(ba.rows),) + tuple(self.images.shape[1:])
+            rows = torch.empty(shape, dtype=self.images.dtype, pin_memory=self._cuda)
+            torch.index_select(self.images, 0, ba.rows, out=rows)
         if not self._cuda:
-            return self.images.index_select(0, rows), None
-        host = torch.empty((len(rows),) + tuple(self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
-        torch.index_select(self.images, 0, rows, out=host)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            dev = host.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        return dev, done
+            return _Step(ba, labels, ex, rows, None)
 
-    def _arrived(self, dev: torch.Tensor, done) -> tuple[torch.Tensor, torch.Tensor]:
-        if done is not None:        # the compute stream waits for the copy, and owns the memory from here on
+        def to_device(t):
+            return None if t is None else (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
+
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            step = _Step(ba.apply(to_device), to_device(labels), to_device(ex), to_device(rows), torch.cuda.Event())
+            step.done.record(self._stream)
+        return step
+
+    def _batch(self, step: _Step) -> Batch:
+        if step.done is not None:   # the compute stream waits for the copy, and owns its memory from here on
             stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(done)
-            dev.record_stream(stream)
-        half = dev.shape[0] // 2
-        return dev[:half], dev[half:]
+            stream.wait_event(step.done)
+            for t in step.ba.tensors() + [step.labels, step.extra, step.rows]:
+                if t is not None:
+                    t.record_stream(stream)
+        rows = step.rows if step.rows is not None else self.images.index_select(0, step.ba.rows)
+        b = step.ba.cut.shape[0]
+        return Batch(mix(rows, step.ba, self.factor), step.labels[:b], step.labels[b:], step.ba.lam, step.extra)

@@ -54,18 +54,23 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
         aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
         mine = [k for k in range(n_batches) if dist.owns(e * n_batches + k)]
         index_batches = [torch.arange(k * batch_size, min(N, (k + 1) * batch_size)) for k in mine]
+        # the first non-finite batch, kept on the device and read once per epoch: no host sync per batch
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
         with contextlib.closing(feed.batches(aug, index_batches)) as batches:    # its thread goes on any exit
-            for k, idx, (x, y_org, y_aug, _) in zip(mine, index_batches, batches):
+            for k, (x, y_org, y_aug, _, _) in zip(mine, batches):
                 with autocast(device, precision):
                     logits = teacher(x)
                 if mode == "dbr":
-                    d_org, d_aug = dbr_distances(logits.float(), y_org.to(device), y_aug.to(device), temperature)
+                    d_org, d_aug = dbr_distances(logits.float(), y_org, y_aug, temperature)
                     vals = torch.stack([d_org, d_aug], 1)
                 else:
                     vals = logits.float()
-                if not torch.isfinite(vals).all():
-                    raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {int(idx[0])}..")
-                pending[e, k] = vals.half().cpu()
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(vals).all(), k, first_bad)
+                # on a GPU into pinned memory without waiting; complete once first_bad is read below
+                pending[e, k] = vals.half().to("cpu", non_blocking=True)
+        if int(first_bad) >= 0:
+            raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples "
+                                     f"{int(first_bad) * batch_size}..")
         chunk_end = e + 1 == epochs or (parts is not None and (e + 1) % parts.every == 0)
         if chunk_end:
             collected = dist.gather(pending)

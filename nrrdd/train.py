@@ -201,11 +201,12 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
         starts = range(0, N, batch_size)
         # this rank's part of each step's batch (the whole batch in one process)
         parts = [order[s:s + batch_size].tensor_split(dist.world)[dist.rank] for s in starts]
+        # the stored labels of each step travel with its batch (read from the memory-mapped file, copied ahead)
+        stored_rows = (lambda idx, e=e: stored[e, idx]) if mode in ("soft", "dbr") else None
         # closed on the way out, also by an exception: the feed's thread and the batches it holds go at once
-        with contextlib.closing(feed.batches(aug, parts)) as batches:
-            for start, idx, (x, y_org, y_aug, lam) in zip(starts, parts, batches):
+        with contextlib.closing(feed.batches(aug, parts, extra=stored_rows)) as batches:
+            for start, (x, y_org, y_aug, lam, kept) in zip(starts, batches):
                 n_step = min(batch_size, N - start)
-                y_org, y_aug = y_org.to(device), y_aug.to(device)
                 with autocast(device, precision):
                     out = fwd_student(x)
                 out = out.float()
@@ -214,9 +215,9 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                         t = fwd_teacher(x).float()
                     loss = kd_loss(out, t, temperature, reduction)
                 elif mode == "soft":
-                    loss = kd_loss(out, stored[e, idx].to(device).float(), temperature, reduction)
+                    loss = kd_loss(out, kept.float(), temperature, reduction)
                 elif mode == "dbr":
-                    d = stored[e, idx].to(device).float()
+                    d = kept.float()
                     loss = dbr(out, y_org, y_aug, lam, d[:, 0], d[:, 1])
                 else:
                     loss = (lam * F.cross_entropy(out, y_org, reduction="none")

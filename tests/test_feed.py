@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from nrrdd.augment import epoch_augment
+from nrrdd.augment import epoch_augment, mixed_batch
 from nrrdd.feed import SetFeed, set_on_device
 from nrrdd.relabel import relabel
 from nrrdd.train import train_student
@@ -26,22 +26,27 @@ def _feed_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("nrrdd-feed")]
 
 
+def _same(batch, want) -> None:
+    for u, v in zip(batch, want):
+        assert (u is None and v is None) or torch.equal(u.cpu(), v.cpu())
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("ahead", [1, 2, 5])
-def test_streamed_batches_are_the_resident_batches(device, ahead):
+def test_the_feed_makes_mixed_batch_s_batches(device, resident, ahead):
     images, labels = _set()
+    stored = torch.randn(13, 2).half()
     aug = epoch_augment(seed=3, epoch=2, n=13, size=16, factor=2)
     order = torch.randperm(13, generator=torch.Generator().manual_seed(1))
     batches = list(order.split(4))                                  # 4, 4, 4, 1: a short last batch
-    held = list(SetFeed(images, labels, factor=2, device=device, resident=True).batches(aug, batches))
-    feed = SetFeed(images, labels, factor=2, device=device, resident=False, ahead=ahead)
-    assert not feed.resident and feed.images is images              # the set was not copied
-    streamed = list(feed.batches(aug, batches))
-    assert len(streamed) == len(held) == 4
-    for a, b in zip(streamed, held):
-        assert a[0].device == feed.device
-        for u, v in zip(a, b):
-            assert torch.equal(u, v)
+    feed = SetFeed(images, labels, factor=2, device=device, resident=resident, ahead=ahead)
+    assert feed.resident == resident and (resident or feed.images is images)    # streamed: the set not copied
+    got = list(feed.batches(aug, batches, extra=lambda idx: stored[idx]))
+    assert len(got) == 4
+    for batch, idx in zip(got, batches):
+        assert all(t.device == feed.device for t in batch)
+        _same(batch, mixed_batch(images, labels, aug, idx, factor=2) + (stored[idx],))
     assert not _feed_threads()
 
 
@@ -59,16 +64,27 @@ def test_a_failing_gather_raises_in_the_caller_and_leaves_no_thread():
     assert not _feed_threads()
 
 
+class _FailsAtStep(torch.nn.Module):
+    """A student that runs out of memory at its third step (as a GPU can, mid-epoch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls = torch.nn.Linear(3 * 16 * 16, 5), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return self.fc(x.flatten(1))
+
+
 def test_an_error_in_the_consumer_leaves_no_thread():
-    """relabel stops at a NaN label; its traceback (kept here by pytest.raises) holds the loop's frame, and the
+    """Training stops mid-epoch; its traceback (kept here by pytest.raises) holds the loop's frame, and the
     feed's thread must be gone all the same."""
     images, labels = _set()
-    nan_teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
-    with torch.no_grad():
-        nan_teacher[1].bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="NaN/inf labels") as err:
-        relabel(nan_teacher, images, labels, mode="dbr", epochs=2, seed=0, factor=2, batch_size=4,
-                show_progress=False, set_on_device=False)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        train_student(_FailsAtStep(), images, labels, mode="hard", epochs=2, batch_size=4, seed=0, factor=2,
+                      show_progress=False, set_on_device=False)
     assert err.value.__traceback__ is not None and not _feed_threads()
 
 
@@ -104,19 +120,36 @@ def test_the_device_waits_for_a_slow_copy():
     images, labels = _set()
     aug = epoch_augment(seed=3, epoch=2, n=13, size=16, factor=2)
     batches = list(torch.arange(13).split(4))
-    held = list(SetFeed(images, labels, factor=2, device="cuda", resident=True).batches(aug, batches))
-    feed = SetFeed(images, labels, factor=2, device="cuda", resident=False, ahead=2)
-    gather = feed._gather
+    for resident in (True, False):
+        feed = SetFeed(images, labels, factor=2, device="cuda", resident=resident, ahead=2)
+        prepare = feed._prepare
 
-    def slow_gather(aug, idx):
-        with torch.cuda.device(feed.device), torch.cuda.stream(feed._stream):
-            torch.cuda._sleep(100_000_000)
-        return gather(aug, idx)
+        def slow_prepare(*args):
+            with torch.cuda.device(feed.device), torch.cuda.stream(feed._stream):
+                torch.cuda._sleep(100_000_000)
+            return prepare(*args)
 
-    feed._gather = slow_gather
-    for a, b in zip(feed.batches(aug, batches), held):
-        for u, v in zip(a, b):
-            assert torch.equal(u, v)
+        feed._prepare = slow_prepare
+        for batch, idx in zip(feed.batches(aug, batches), batches):
+            _same(batch, mixed_batch(images, labels, aug, idx, factor=2) + (None,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_step_never_waits_on_the_host_for_the_gpu():
+    """No synchronising call (a copy from pageable memory, a read of a device value) while the feed makes
+    its batches, the set on the device or in host memory: PyTorch's sync debug mode raises on one."""
+    images, labels = _set(n=64, s=32)
+    aug = epoch_augment(seed=0, epoch=0, n=64, size=32, factor=2)
+    stored = torch.randn(64, 2).half()
+    for resident in (True, False):
+        feed = SetFeed(images, labels, factor=2, device="cuda", resident=resident)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for batch in feed.batches(aug, list(torch.arange(64).split(8)), extra=lambda idx: stored[idx]):
+                (batch.x.sum() + batch.lam.sum() + batch.extra.float().sum()).neg_()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def _teacher(c=3, s=16, k=5):

@@ -69,3 +69,23 @@ def test_label_chunks_that_do_not_advance_are_refused(tmp_path):
                             metadata={"identity": parts.store.identity})
     with pytest.raises(ValueError, match="at least one epoch"):
         LabelParts(tmp_path / "p", {"run": 1}, every=2).first_epoch()
+
+
+class _NaNAtCall(torch.nn.Module):
+    def __init__(self, bad_call: int):
+        super().__init__()
+        self.fc, self.calls, self.bad_call = torch.nn.Linear(64, 7), 0, bad_call
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(x.flatten(1))
+        return out.fill_(float("nan")) if self.calls == self.bad_call else out
+
+
+@pytest.mark.parametrize("mode", ["dbr", "soft"])
+def test_a_teacher_giving_nan_stops_the_relabelling_naming_the_batch(mode):
+    """The check is read once per epoch (no host sync per batch on a GPU) but still names the first bad batch."""
+    images, labels = torch.randn(13, 1, 8, 8), torch.arange(13) % 7
+    with pytest.raises(FloatingPointError, match=r"NaN/inf labels at epoch 1, samples 8\.\."):
+        relabel(_NaNAtCall(bad_call=4 + 3), images, labels, mode=mode, epochs=3, seed=0, factor=1, batch_size=4,
+                show_progress=False)        # 4 batches an epoch: call 7 is epoch 1's third batch
