@@ -189,3 +189,29 @@ def test_a_synthetic_set_with_nan_is_refused_naming_the_images(tmp_path):
     atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
     with pytest.raises(ValueError, match=r"3 synthetic image\(s\) hold NaN/inf \(images \[3, 260, 599\], classes \[1, 3, 4\]"):
         read_synthetic(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["dbr", "soft", "hard"])
+def test_a_training_step_never_waits_on_the_host_for_the_gpu(mode):
+    """Whole training steps (feed, student, loss, AdamW, scheduler): the host synchronises with the GPU once per
+    epoch (the NaN check) and at the start, never per step. 3 epochs of 8 steps: a per-step wait would give 24+."""
+    import warnings
+
+    images, labels = _set(n=64, s=16)
+    stored = relabel(_teacher(), images, labels, mode=mode if mode != "hard" else "dbr", epochs=3, seed=0,
+                     factor=2, batch_size=8, show_progress=False)
+    for on_device in (True, False):
+        student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                train_student(student, images, labels, mode=mode, stored=stored if mode != "hard" else None,
+                              epochs=3, batch_size=8, seed=0, factor=2, device="cuda", show_progress=False,
+                              set_on_device=on_device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in seen if "synchroniz" in str(w.message).lower()]
+        assert len(syncs) <= 3 + 3 * 2, "\n".join(f"{w.filename}:{w.lineno} {w.message}" for w in syncs)
