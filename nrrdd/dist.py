@@ -74,6 +74,16 @@ class Dist:
         tdist.gather_object(obj, out, dst=0, group=_cpu_group())
         return out
 
+    def first(self, index: int) -> int:
+        """The smallest of every rank's ``index`` that is not -1 (-1 when all are), on every rank: e.g. the
+        earliest batch that went wrong, so that every rank stops, and with the same message."""
+        if not self.active:
+            return index
+        none = 2 ** 62
+        t = torch.tensor([index if index >= 0 else none], dtype=torch.int64)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN, group=_cpu_group())
+        return -1 if int(t) == none else int(t)
+
     def sum(self, values: list[float]) -> list[float]:
         if not self.active:
             return list(values)

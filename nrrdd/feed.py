@@ -122,7 +122,7 @@ class SetFeed:
         no wait on the host)."""
         ba = batch_augment(aug, idx)
         labels = self.labels[ba.rows]
-        ex = extra(ba.rows[:ba.cut.shape[0]]) if extra is not None else None
+        ex = extra(ba.rows[:ba.cut.shape[0]]).cpu() if extra is not None else None
         rows = None
         if not self.resident:
             shape = (len(ba.rows),) + tuple(self.images.shape[1:])
@@ -131,8 +131,11 @@ class SetFeed:
         if not self._cuda:
             return _Step(ba, labels, ex, rows, None)
 
-        def to_device(t):
-            return None if t is None else (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
+        def to_device(t):       # from pinned, dense memory: a copy the host does not wait for
+            if t is None:
+                return None
+            t = t.contiguous()
+            return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
 
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             step = _Step(ba.apply(to_device), to_device(labels), to_device(ex), to_device(rows), torch.cuda.Event())

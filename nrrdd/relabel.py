@@ -56,6 +56,7 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
         index_batches = [torch.arange(k * batch_size, min(N, (k + 1) * batch_size)) for k in mine]
         # the first non-finite batch, kept on the device and read once per epoch: no host sync per batch
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        made: list[torch.Tensor] = []                       # this epoch's labels, on the device until its end
         with contextlib.closing(feed.batches(aug, index_batches)) as batches:    # its thread goes on any exit
             for k, (x, y_org, y_aug, _, _) in zip(mine, batches):
                 with autocast(device, precision):
@@ -66,11 +67,13 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
                 else:
                     vals = logits.float()
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(vals).all(), k, first_bad)
-                # on a GPU into pinned memory without waiting; complete once first_bad is read below
-                pending[e, k] = vals.half().to("cpu", non_blocking=True)
-        if int(first_bad) >= 0:
-            raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples "
-                                     f"{int(first_bad) * batch_size}..")
+                made.append(vals.half())
+        bad = dist.first(int(first_bad))                    # every rank stops, at the earliest bad batch
+        if bad >= 0:
+            raise FloatingPointError(f"teacher produced NaN/inf labels at epoch {e}, samples {bad * batch_size}..")
+        if made:                                            # one copy to the host per epoch
+            for k, v in zip(mine, torch.cat(made).cpu().split([len(i) for i in index_batches])):
+                pending[e, k] = v.clone()       # its own storage: a view would pickle the whole epoch's
         chunk_end = e + 1 == epochs or (parts is not None and (e + 1) % parts.every == 0)
         if chunk_end:
             collected = dist.gather(pending)

@@ -232,10 +232,9 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 loss.backward()
                 opt.step()
                 sched.step()
-        if dist.active:
-            tdist.all_reduce(first_bad, op=tdist.ReduceOp.MAX)     # every rank stops together
-        if int(first_bad) >= 0:
-            raise FloatingPointError(f"student loss became NaN/inf at epoch {e}, step {int(first_bad)} "
+        bad = dist.first(int(first_bad))          # every rank stops together, at the earliest bad step
+        if bad >= 0:
+            raise FloatingPointError(f"student loss became NaN/inf at epoch {e}, step {bad} "
                                      f"(label mode {mode}): check the synthetic images and stored labels")
         if checkpoint is not None and dist.is_main and ((e + 1) % checkpoint.every == 0 and e + 1 < epochs):
             checkpoint.save(e + 1, student, opt, sched)

@@ -77,3 +77,30 @@ def test_rng_keys_are_independent_streams():
     b = rng(0, 2, 5).random(3)
     assert not np.allclose(a, b)
     assert np.array_equal(a, rng(0, 1, 5).random(3))
+
+
+def test_mixed_batch_per_sample_reference():
+    """Each sample on its own, written out step by step: its view (patch shuffle, crop resized, flip) with the
+    cut box pasted from its partner's view. The batched code (and the device feed built on it) must agree."""
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.randn(12, 3, 20, 20, generator=g), torch.arange(12) % 5
+    aug = epoch_augment(seed=2, epoch=1, n=12, size=20, factor=2)
+    idx = torch.tensor([7, 0, 11, 3, 5, 8])
+    x, y_org, y_aug, lam = mixed_batch(images, labels, aug, idx, factor=2)
+
+    def view(j: int) -> torch.Tensor:
+        v = shuffle_patches(images[j:j + 1], aug.perms[j:j + 1], 2)
+        v = crop_resize(v, aug.boxes[j:j + 1], 20)[0]
+        return v.flip(-1) if aug.flip[j] else v
+
+    seen_flip, seen_cut = set(), 0
+    for b, i in enumerate(idx.tolist()):
+        p = int(aug.partner[i])
+        want = view(i).clone()
+        t, l, h, w = aug.cut[i].tolist()
+        want[:, t:t + h, l:l + w] = view(p)[:, t:t + h, l:l + w]
+        assert torch.equal(x[b], want), f"sample {i}"
+        assert p != i and y_org[b] == labels[i] and y_aug[b] == labels[p] and lam[b] == aug.lam[i]
+        seen_flip.add(bool(aug.flip[i])), seen_flip.add(bool(aug.flip[p]))
+        seen_cut += h * w > 0
+    assert seen_flip == {True, False} and seen_cut >= 3      # the draws exercise flips, no flips, and cuts

@@ -301,3 +301,49 @@ def test_resumed_relabelling_with_every_chunk_done_does_not_hang(tmp_path):
     p = subprocess.run([sys.executable, str(script), str(tmp_path), str(port)], capture_output=True, text=True,
                        timeout=180)
     assert p.returncode == 0 and "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stderr[-3000:]
+
+
+_NAN_RELABEL = '''
+import os, sys
+import torch, torch.multiprocessing as mp
+
+class NaNOnRank1(torch.nn.Module):
+    def __init__(self, rank):
+        super().__init__()
+        self.fc, self.rank = torch.nn.Linear(64, 7), rank
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        return out.fill_(float("nan")) if self.rank == 1 else out
+
+def work(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    from nrrdd.dist import setup
+    from nrrdd.relabel import relabel
+    dist, _ = setup(torch.device("cpu"), timeout_min=0.5)
+    images, labels = torch.randn(10, 1, 8, 8), torch.arange(10) % 7
+    try:
+        relabel(NaNOnRank1(rank), images, labels, mode="dbr", epochs=3, seed=0, factor=1, batch_size=4,
+                show_progress=False, dist=dist)
+    except FloatingPointError as e:
+        print(f"rank {rank}: {e}", flush=True)
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(2, int(sys.argv[1])), nprocs=2)
+'''
+
+
+def test_a_nan_label_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's batch (samples 4..7 of epoch 0) gives NaN: both ranks stop with the same message, naming that
+    batch; before, rank 0 waited for rank 1 in the labels' gather until the group's timeout."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "nan_relabel.py"
+    script.write_text(_NAN_RELABEL)
+    p = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: teacher produced NaN/inf labels at epoch 0, samples 4.." in p.stdout, p.stdout
