@@ -31,7 +31,7 @@ def test_loader_benchmark_writes_rows_per_provider(tmp_path):
 
 
 def test_stage_benchmark_label_storage_rows(tmp_path):
-    rows = _run(["benchmarks.bench_stages", "--skip", "throughput", "memory", "scaling", "set", "--plots",
+    rows = _run(["benchmarks.bench_stages", "--skip", "throughput", "memory", "scaling", "set", "feed", "--plots",
                  str(tmp_path / "plots")], tmp_path / "s.csv")
     per = {(r["provider"], r["shape"]): float(r["median"]) for r in rows if r["metric"] == "per_sample_epoch"}
     # fp16 storage: soft = 2 bytes x C, DBR = 2 x 2 bytes, measured from the written files
@@ -85,8 +85,10 @@ def test_prev_kernels_load_beside_the_current_ones():
     assert torch.equal(dbr_loss(z, y, y, f, f, f, backend="triton"), prev_dbr.dbr_loss(z, y, y, f, f, f, backend="triton"))
 
 
-def test_set_memory_rows(tmp_path):
+def test_set_memory_and_feed_rows(tmp_path):
     rows = _run(["benchmarks.bench_stages", "--quick", "--skip", "throughput", "memory", "scaling", "storage"],
                 tmp_path / "m.csv")
     got = {(r["provider"], r["metric"], r["unit"]) for r in rows if r["name"] == "set_memory"}
     assert got == {("refine", "copies", "x set"), ("write", "copies", "x set")}
+    feed = {r["provider"]: float(r["median"]) for r in rows if r["name"] == "feed" and r["metric"] == "throughput"}
+    assert set(feed) == {"set_on_device", "streamed"} and min(feed.values()) > 0
