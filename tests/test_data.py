@@ -77,3 +77,18 @@ def test_tensor_image_set_checks_inputs():
         TensorImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2), ["a"])
     with pytest.raises(ValueError, match="labels"):
         TensorImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3), ["a"])
+
+
+def test_a_synthetic_set_with_nan_is_refused_naming_the_images(tmp_path):
+    """read_synthetic checks the set a chunk of images at a time (a whole-set mask is a quarter of the set):
+    images in any chunk are found, and named."""
+    from nrrdd.io import atomic_save_safetensors
+    from nrrdd.pipeline import read_synthetic
+
+    images, labels = torch.zeros(600, 1, 2, 2), torch.arange(600) % 7
+    atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
+    assert torch.equal(read_synthetic(tmp_path)[0], images)
+    images[3, 0, 1, 1], images[260, 0, 0, 0], images[599, 0, 0, 1] = float("inf"), float("nan"), float("-inf")
+    atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
+    with pytest.raises(ValueError, match=r"3 synthetic image\(s\) hold NaN/inf \(images \[3, 260, 599\], classes \[1, 3, 4\]"):
+        read_synthetic(tmp_path)

@@ -176,21 +176,6 @@ def test_relabel_and_training_are_the_same_from_host_or_device(device):
         assert torch.equal(p, q)
 
 
-def test_a_synthetic_set_with_nan_is_refused_naming_the_images(tmp_path):
-    """read_synthetic checks the set a chunk of images at a time (a whole-set mask is a quarter of the set):
-    images in any chunk are found, and named."""
-    from nrrdd.io import atomic_save_safetensors
-    from nrrdd.pipeline import read_synthetic
-
-    images, labels = torch.zeros(600, 1, 2, 2), torch.arange(600) % 7
-    atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
-    assert torch.equal(read_synthetic(tmp_path)[0], images)
-    images[3, 0, 1, 1], images[260, 0, 0, 0], images[599, 0, 0, 1] = float("inf"), float("nan"), float("-inf")
-    atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
-    with pytest.raises(ValueError, match=r"3 synthetic image\(s\) hold NaN/inf \(images \[3, 260, 599\], classes \[1, 3, 4\]"):
-        read_synthetic(tmp_path)
-
-
 def _host_waits(fn) -> "collections.Counter":
     """Where ``fn`` made the host wait for the GPU: {(file, line): count}, from PyTorch's sync debug mode."""
     import collections
