@@ -11,7 +11,12 @@ Checks, in order (a failed check that later ones depend on stops the list):
    its ``teacher.json``;
 5. the teacher's top-1 on a validation subset: near chance means a wrong checkpoint, wrong class order or
    wrong normalisation;
-6. the output folder: an existing synthetic set there would be refused, not overwritten.
+6. the output folder: an existing synthetic set there would be refused, not overwritten;
+7. resources: the host memory distillation's process 0 needs at its peak (the synthetic set and its masks,
+   plus the allocator's slack, as ``bench_stages``' ``set_memory`` measured it) against what the machine
+   has, and the disk the run writes (refinement pieces, synthetic set, PNGs, label files and their chunks)
+   against the free space at ``--out``; on CUDA, whether relabelling and training will hold the set on the
+   device or stream it from host memory (``nrrdd/feed.py``).
 
 Each finding is an ``error`` (the run would fail or be meaningless) or a ``warning`` (it would run, with a
 caveat). ``nrrdd check`` prints them and exits 1 when there is an error.
@@ -115,7 +120,84 @@ def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
     if (Path(cfg.out) / "synthetic.safetensors").exists():
         add("warning", "output", f"{cfg.out} already holds a synthetic set: distill would refuse to overwrite it "
                                  "(choose another --out)")
+    # 7. memory and disk for a set of this size
+    for level, message in resource_findings(cfg, n_images=cfg.ipc * len(sp.classes), channels=sp.channels,
+                                            size=sp.size, num_classes=len(sp.classes), device=ctx.device):
+        add(level, "resources", message)
     return out
+
+
+# Peak host memory of distillation's process 0 above its start: the images and their [N, 1, H, W] masks, and the
+# allocator's slack of up to 0.4 x the images (set_memory measured 1.35-1.73 x the images for RGB, where the
+# masks are 0.33 of them)
+SET_SLACK = 0.4
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def host_memory() -> tuple[int, int] | None:
+    """(available, total) bytes of this machine's memory, from /proc/meminfo; None where it cannot be read."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(info["MemAvailable"].split()[0]) * 1024, int(info["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def disk_free(path: str | Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    import shutil
+
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def resource_findings(cfg: RunConfig, *, n_images: int, channels: int, size: int, num_classes: int,
+                      device: torch.device) -> list[tuple[str, str]]:
+    """(level, message) for the memory and disk a run of ``cfg`` needs, for ``n_images`` synthetic images of
+    ``channels`` x ``size`` x ``size``."""
+    images = n_images * channels * size * size * 4
+    masks = n_images * size * size * 4
+    found = []
+    peak = (1 + SET_SLACK) * images + masks
+    mem = host_memory()
+    what = f"distillation holds the set ({n_images} images, {_gb(images)} in fp32) and its masks in memory: ~{_gb(peak)}"
+    if mem is None:
+        found.append(("ok", f"{what} (this machine's memory could not be read)"))
+    elif peak > mem[1]:
+        found.append(("error", f"{what}, more than this machine has ({_gb(mem[1])}): lower --ipc or use a "
+                               "machine with more memory"))
+    elif peak > mem[0]:
+        found.append(("warning", f"{what}, more than is available now ({_gb(mem[0])} of {_gb(mem[1])})"))
+    else:
+        found.append(("ok", f"{what}; {_gb(mem[0])} available"))
+    # on disk at the peak: the refinement pieces (images and masks) while the set is written, the set
+    # (safetensors, images + masks), its PNGs (at most 1 byte per value), and the label file with its chunks
+    refined = cfg.resolved_refine()
+    disk = (images + masks) * (2 if refined else 1) + images / 4
+    label_width = {"soft": num_classes, "dbr": 2}.get(cfg.labels, 0)
+    labels = cfg.epochs * n_images * label_width * 2
+    disk += 2 * labels
+    free = disk_free(cfg.out)
+    detail = (f"the run writes up to ~{_gb(disk)} to {cfg.out} (set and PNGs" + (", refinement pieces" if refined else "")
+              + (f", {cfg.labels} labels of {cfg.epochs} epochs {_gb(labels)} and their chunks" if labels else "") + ")")
+    if disk > free:
+        found.append(("error", f"{detail}, but {_gb(free)} is free there"))
+    else:
+        found.append(("ok", f"{detail}; {_gb(free)} free"))
+    if device.type == "cuda":
+        from .feed import RESIDENT_FRACTION, set_on_device
+
+        on = set_on_device(torch.empty(1).expand(images // 4), device, cfg.set_on_device)     # its size, no memory
+        free_dev = torch.cuda.mem_get_info(device)[0]
+        found.append(("ok", f"relabelling and training will {'copy the set to' if on else 'stream the set to'} "
+                            f"{device} ({_gb(images)}; {_gb(free_dev)} free there, the set goes whole when it "
+                            f"takes at most {RESIDENT_FRACTION:.0%}; --set-on-device decides)"))
+    return found
 
 
 def format_findings(findings: list[Finding]) -> str:

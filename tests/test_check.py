@@ -22,6 +22,7 @@ def test_sound_setup_passes(fmnist_teacher, capsys, tmp_path):
     rc, out = check(capsys, "--teacher", str(fmnist_teacher), "--out", str(tmp_path / "o"), *SMALL_FMNIST)
     assert rc == 0, out
     assert "0 error(s)" in out and "teacher accuracy" in out
+    assert "distillation holds the set (100 images" in out and "the run writes up to" in out     # resources
 
 
 def test_untrained_teacher_is_near_chance(capsys, tmp_path):
@@ -79,3 +80,35 @@ def test_image_folder_layout_and_bad_files(capsys, tmp_path):
         f.unlink()
     rc, out = check(capsys, *folder)
     assert rc == 1 and "holds no images" in out
+
+
+def test_resources_for_imagenet_sizes(monkeypatch, tmp_path):
+    """The figures of an ImageNet-1K run at IPC 50 with soft labels, against a 64 GB machine with 40 GB free and
+    a disk with 100 GB free: memory fits (a warning when it is not available now), the disk does not."""
+    import nrrdd.check as check_mod
+    from nrrdd.config import RunConfig
+
+    monkeypatch.setattr(check_mod, "disk_free", lambda path: 100e9)
+    cfg = RunConfig(ipc=50, labels="soft", epochs=300, out=str(tmp_path / "o"))
+    kw = dict(n_images=50 * 1000, channels=3, size=224, num_classes=1000, device=torch.device("cpu"))
+    for mem, level in (((60e9, 64e9), "ok"), ((40e9, 64e9), "warning"), ((40e9, 48e9), "error")):
+        monkeypatch.setattr(check_mod, "host_memory", lambda mem=mem: mem)
+        (lm, memory), (ld, disk) = check_mod.resource_findings(cfg, **kw)
+        # images 30.1 GB, masks 10.0 GB: 1.4 x 30.1 + 10.0
+        assert lm == level and "50000 images, 30.1 GB in fp32" in memory and "~52.2 GB" in memory, memory
+        # refinement pieces and set (2 x 40.1) + PNGs (7.5) + soft labels and their chunks (2 x 30.0)
+        assert ld == "error" and "~147.8 GB" in disk and "100.0 GB is free" in disk, disk
+    monkeypatch.setattr(check_mod, "disk_free", lambda path: 200e9)
+    cfg = RunConfig(ipc=50, labels="dbr", epochs=300, method="rded", out=str(tmp_path / "o"))    # no refinement
+    (_, _), (ld, disk) = check_mod.resource_findings(cfg, **kw)
+    assert ld == "ok" and "~47.8 GB" in disk and "refinement pieces" not in disk, disk
+
+
+def test_a_machine_too_small_is_an_error(fmnist_teacher, capsys, monkeypatch, tmp_path):
+    import nrrdd.check as check_mod
+
+    monkeypatch.setattr(check_mod, "host_memory", lambda: (10_000, 20_000))
+    monkeypatch.setattr(check_mod, "disk_free", lambda path: 1000)
+    rc, out = check(capsys, "--teacher", str(fmnist_teacher), "--out", str(tmp_path / "o"), *SMALL_FMNIST)
+    assert rc == 1 and "2 error(s)" in out, out
+    assert "more than this machine has (0.0 MB)" in out and "but 0.0 MB is free there" in out, out
