@@ -128,9 +128,9 @@ def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
 
 
 # Peak host memory of distillation's process 0 above its start: the images and their [N, 1, H, W] masks, and the
-# allocator's slack of up to 0.4 x the images (set_memory measured 1.35-1.73 x the images for RGB, where the
+# allocator's slack of up to 0.5 x the images (set_memory measured 1.35-1.81 x the images for RGB, where the
 # masks are 0.33 of them)
-SET_SLACK = 0.4
+SET_SLACK = 0.5
 
 
 def _gb(n: float) -> str:

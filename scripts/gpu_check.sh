@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU, as one command of about 7 minutes (a lent GPU comes with 15 minutes in all).
+# The checks that need an NVIDIA GPU, as one command of about 8 minutes (a lent GPU comes with 15 minutes in all).
 #
 #   here, where git is:  mkdir -p .gpu_prev && git archive 97f6248 kernels | tar -x -C .gpu_prev
 #                        (the kernels before the SASS-guided change of 2026-11-29; .gpu_prev is git-ignored)
@@ -12,6 +12,7 @@
 # 3. benchmarks.bench_kernels at full size (masked Adam 100x3x224x224, DBR B 256 x C 1000 / 21841, fp32 and bf16):
 #    eager and compiled references, the Triton kernels and, given a previous kernels folder, the previous
 #    kernels in the same run (provider triton-prev);
+# 4. bench_stages' feed part: student training with the synthetic set on the GPU or streamed to it;
 # BENCH_ARGS replaces --half (e.g. "--quick" for a smoke run on a CPU).
 # Everything lands in $OUT (logs, the CSV, summary.txt). The machine has torch and triton but nothing can be
 # installed there, so the package is put on PYTHONPATH as links instead of pip-installed.
@@ -55,4 +56,10 @@ t0=$SECONDS
 timeout 330 python3 -m benchmarks.bench_kernels ${BENCH_ARGS:---half} --out "$OUT/kernels_cuda.csv" \
   ${PREV:+--prev-kernels "$PREV"} 2>&1 | tee "$OUT/bench_kernels.log" | tail -45
 note "bench_kernels: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+# last (the first thing to drop if time runs out): student training with the set on the GPU vs streamed to it,
+# samples/s and peak device memory (bench_stages' feed part)
+t0=$SECONDS
+timeout 150 python3 -m benchmarks.bench_stages --repeats 1 --skip throughput memory set storage scaling \
+  --out "$OUT/feed_cuda.csv" 2>&1 | tee "$OUT/bench_feed.log" | tail -6
+note "bench_stages feed: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
 cat "$OUT/summary.txt"
