@@ -192,7 +192,7 @@ def resource_findings(cfg: RunConfig, *, n_images: int, channels: int, size: int
     if device.type == "cuda":
         from .feed import RESIDENT_FRACTION, set_on_device
 
-        on = set_on_device(torch.empty(1).expand(images // 4), device, cfg.set_on_device)     # its size, no memory
+        on = set_on_device(images, device, cfg.set_on_device)
         free_dev = torch.cuda.mem_get_info(device)[0]
         found.append(("ok", f"relabelling and training will {'copy the set to' if on else 'stream the set to'} "
                             f"{device} ({_gb(images)}; {_gb(free_dev)} free there, the set goes whole when it "

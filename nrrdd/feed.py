@@ -29,8 +29,8 @@ from .augment import BatchAugment, EpochAugment, batch_augment, mix
 RESIDENT_FRACTION = 0.5
 
 
-def set_on_device(images: torch.Tensor, device: torch.device, choice: bool | None = None) -> bool:
-    """Whether the whole set goes to ``device``. ``choice`` (``--set-on-device``) decides; None (auto): on
+def set_on_device(nbytes: int, device: torch.device, choice: bool | None = None) -> bool:
+    """Whether the whole set, ``nbytes`` of images, goes to ``device``. ``choice`` (``--set-on-device``) decides; None (auto): on
     the CPU there is nothing to copy; on CUDA yes when it takes at most ``RESIDENT_FRACTION`` of the free
     memory (the rest is the model's, its activations' and its optimiser's). On the CPU ``False`` gathers each
     batch in the background thread (a copy per step, no copy of the set either way)."""
@@ -42,7 +42,7 @@ def set_on_device(images: torch.Tensor, device: torch.device, choice: bool | Non
     free, _ = torch.cuda.mem_get_info(device)
     # memory PyTorch holds in its cache but does not use is free for the set too (e.g. an earlier stage's)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return images.numel() * images.element_size() <= RESIDENT_FRACTION * free
+    return nbytes <= RESIDENT_FRACTION * free
 
 
 class Batch(NamedTuple):
@@ -81,7 +81,7 @@ class SetFeed:
             resident = True                     # already on the GPU: nothing to copy, nothing to stream
         elif images.device.type != "cpu":
             raise ValueError(f"the synthetic set is on {images.device}: it must be in host memory or on {self.device}")
-        self.resident = set_on_device(images, self.device, resident)
+        self.resident = set_on_device(images.nbytes, self.device, resident)
         self.images = images.to(self.device) if self.resident else images
         self.labels, self.factor, self.ahead = labels.cpu(), factor, max(1, ahead)
         self._cuda = self.device.type == "cuda"
