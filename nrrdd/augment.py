@@ -148,13 +148,27 @@ class EpochAugment:
     cut: torch.Tensor       # [N, 4] cut box (top, left, h, w)
 
 
-def epoch_augment(seed: int, epoch: int, n: int, size: int, factor: int, cutmix_alpha: float = 1.0) -> EpochAugment:
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which the student sees the ``n`` samples in ``epoch``; its batches are consecutive slices."""
+    return rng(seed, STREAM_ORDER, epoch).permutation(n)
+
+
+def epoch_augment(seed: int, epoch: int, n: int, size: int, factor: int, cutmix_alpha: float = 1.0,
+                  mix_batch: int = 0) -> EpochAugment:
     """The augmentation of ``epoch`` for ``n`` samples of ``size`` px: RDED's ShufflePatches(factor),
-    RandomResizedCrop(scale=(1/factor, 1)), horizontal flip, then CutMix(alpha) with partner pi(i)."""
+    RandomResizedCrop(scale=(1/factor, 1)), horizontal flip, then CutMix(alpha) with partner pi(i).
+
+    ``mix_batch`` = 0: CutMix per sample (its own lam and box; pi a derangement of the whole set).
+    ``mix_batch`` = b > 0: RDED's CutMix, per training batch of ``b`` (consecutive slices of
+    :func:`epoch_order`): one lam and one box for the whole batch, pi a random permutation of the batch (a
+    sample may be its own partner, as ``torch.randperm`` in RDED's code). Crops, flips and patch orders are
+    the same either way."""
     g = rng(seed, STREAM_AUGMENT, epoch)
     boxes = random_resized_boxes(g, n, size, size, scale=(1.0 / factor, 1.0), ratio=(3 / 4, 4 / 3))
     flip = g.random(n) < 0.5
     perms = np.argsort(g.random((n, factor * factor)), axis=1)
+    if mix_batch > 0:
+        return _batch_cutmix(g, boxes, flip, perms, epoch_order(seed, epoch, n), mix_batch, size, cutmix_alpha)
     order = g.permutation(n)
     partner = np.empty(n, dtype=np.int64)
     partner[order] = np.roll(order, -1)           # cyclic shift in a random order: pi(i) != i for n > 1
@@ -162,11 +176,29 @@ def epoch_augment(seed: int, epoch: int, n: int, size: int, factor: int, cutmix_
         lam0 = g.beta(cutmix_alpha, cutmix_alpha, size=n)
     else:
         lam0 = np.ones(n)
+    cx = g.integers(0, size, size=n)
+    cy = g.integers(0, size, size=n)
+    return _with_cut(boxes, flip, perms, partner, lam0, cx, cy, size)
+
+
+def _batch_cutmix(g: np.random.Generator, boxes, flip, perms, order: np.ndarray, b: int, size: int,
+                  cutmix_alpha: float) -> EpochAugment:
+    n = len(order)
+    partner = np.empty(n, dtype=np.int64)
+    lam0, cx, cy = np.ones(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for start in range(0, n, b):
+        batch = order[start:start + b]
+        partner[batch] = batch[g.permutation(len(batch))]
+        lam0[batch] = g.beta(cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+        cx[batch], cy[batch] = g.integers(0, size), g.integers(0, size)
+    return _with_cut(boxes, flip, perms, partner, lam0, cx, cy, size)
+
+
+def _with_cut(boxes, flip, perms, partner, lam0, cx, cy, size: int) -> EpochAugment:
+    """CutMix's box from its drawn ratio ``lam0`` and centre (``cx``, ``cy``), and the area-corrected lam."""
     cut_rat = np.sqrt(1.0 - lam0)
     cut_w = (size * cut_rat).astype(np.int64)
     cut_h = (size * cut_rat).astype(np.int64)
-    cx = g.integers(0, size, size=n)
-    cy = g.integers(0, size, size=n)
     x1, x2 = np.clip(cx - cut_w // 2, 0, size), np.clip(cx + cut_w // 2, 0, size)
     y1, y2 = np.clip(cy - cut_h // 2, 0, size), np.clip(cy + cut_h // 2, 0, size)
     lam = 1.0 - (x2 - x1) * (y2 - y1) / float(size * size)

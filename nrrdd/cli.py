@@ -41,6 +41,32 @@ HELP = {
                      "host memory and stream each step's rows there; None: on the device when it takes at most "
                      "half its free memory (the batches are the same either way)",
     "sre2l_flip": "method sre2l: each step flip the teacher's input with p 0.5; None: on, except for mnist",
+    "crop_scale": "discovery: random-resized-crop area range, as a fraction of the image (torchvision's scale)",
+    "crop_min_side": "discovery: no crop smaller than this many px a side (raises --crop-scale's lower bound to "
+                     "(side / input size)^2); 0: off",
+    "whole_image": "discovery (rded, nrrdd): the whole image is one more candidate crop of every image",
+    "cidd_keep": "nrrdd discovery: rank candidates by confidence ascending (low, the paper) or descending (high, "
+                 "RDED's rule)",
+    "cidd_quantile": "nrrdd discovery: keep ipc x factor^2 consecutive candidates of the ranking starting this far "
+                     "down it (0: the first, the paper; 0.5: the middle; 1: the last)",
+    "cidd_correct": "nrrdd discovery: rank crops the teacher assigns to another class after all others",
+    "nrr_mask_mode": "where the NRR mask enters the update: step (scales Adam's step, fused kernel), grad (scales the "
+                     "gradient before a plain Adam), sgd (x -= lr * M * grad; lr on another scale)",
+    "recipe": "student recipe: nrrdd (CutMix per sample, lr cosine to 0 per step) or rded (RDED's: one CutMix ratio "
+              "and box per batch, partners a permutation of the batch, lr x 0.5(1+cos(pi e/2E)) per epoch)",
+    "dbr_distance": "DBR's distance between student and teacher distances: l1, l2 (fused kernel) or smooth-l1",
+    "dbr_temperature": "temperature of DBR's distances (the stored teacher distances and the student's)",
+    "dbr_sce_temperature": "temperature of DBR's CutMix cross-entropy term; None: --dbr-temperature (one "
+                           "temperature, fused kernel)",
+    "teacher_weight_decay": "train-teacher: SGD weight decay (not on biases and BatchNorm)",
+}
+
+# Fields whose values are one of a few words: checked when the flags are parsed.
+CHOICES = {
+    "method": ("nrrdd", "rded", "random", "sre2l"), "labels": ("online", "soft", "dbr", "hard"),
+    "cidd_keep": ("low", "high"), "nrr_mask_mode": ("step", "grad", "sgd"), "recipe": ("nrrdd", "rded"),
+    "dbr_distance": ("l1", "l2", "smooth-l1"), "cam": ("auto", "cam", "gradcam"),
+    "precision": ("auto", "fp32", "bf16"), "loader": ("auto", "dali", "torch"),
 }
 
 
@@ -57,6 +83,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name in HELP:
             text = f"{HELP[f.name]} ({text})"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
         if tp in (bool, typing.Optional[bool]):
             g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -67,8 +95,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         base = next((a for a in args if a is not type(None)), tp) if args else tp
         if base is str and default is None:
             g.add_argument(*names, type=_none_or(str), **kw)
-        elif base is int and default is None:
-            g.add_argument(*names, type=_none_or(int), **kw)
+        elif base in (int, float) and default is None:
+            g.add_argument(*names, type=_none_or(base), **kw)
         else:
             g.add_argument(*names, type=base, **kw)
 

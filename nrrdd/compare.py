@@ -106,6 +106,8 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
                 on_result(record)
         cells.append(Cell(record, syn, stage_seconds(cfg, syn)))
     md = markdown(data["runs"], rows=[f"{m}:{lab}" for m, lab in grid_rows], epochs=base.epochs)
+    md += "\n" + dd_ranking(data["runs"], full_hard_top1(base), rows=[f"{m}:{lab}" for m, lab in grid_rows],
+                            epochs=base.epochs)
     atomic_write_text(path.with_suffix(".md"), md)
     sheet_path = None
     if sheet:
@@ -190,6 +192,53 @@ def stage_seconds(cfg: RunConfig, syn: Path) -> dict[str, float]:
     if eval_file.exists():
         s["train"] = json.loads(eval_file.read_text())["timings"]["train"]
     return s
+
+
+def full_hard_top1(cfg: RunConfig) -> float | None:
+    """Top-1 of the student architecture trained with hard labels on the whole training split: the teacher's
+    test top-1 (teacher.json) when the teacher is that architecture (train-teacher trains on hard labels), else
+    None (unknown)."""
+    meta = pipeline.teacher_meta_path(cfg.teacher) if cfg.teacher else None
+    if meta is None or not meta.exists() or cfg.student != cfg.arch:
+        return None
+    m = json.loads(meta.read_text())
+    same = m.get("arch") == cfg.student and m.get("arch_kwargs", {}) == json.loads(cfg.student_kwargs or "{}")
+    return float(m["test_top1"]) if same and m.get("test_top1") is not None else None
+
+
+def _mean_of(runs: list[dict], ipc: int, method: str, labels: str) -> float | None:
+    v = [r["test_top1"] for r in runs if (r["ipc"], r["method"], r["labels"]) == (ipc, method, labels)]
+    return statistics.mean(v) if v else None
+
+
+def dd_ranking(runs: list[dict], full_hard: float | None, rows: list[str] | None = None,
+               epochs: int | None = None) -> str:
+    """DD-Ranking's two numbers per row and IPC, in points of test top-1 (means over seeds):
+
+    - IOR, improvement over random: the row minus ``random`` with the same label mode (what the images add
+      beyond the labels' training);
+    - HLR, hard-label recovery: ``full_hard`` (the student trained with hard labels on the whole training
+      split) minus the row's method with hard labels (lower is better: the gap its images leave).
+    A cell is ``-`` where a run it needs is missing."""
+    runs = [r for r in runs if epochs is None or r["epochs"] == epochs]
+    names = [n for n in dict.fromkeys([*(rows or []), *(f"{r['method']}:{r['labels']}" for r in runs)])
+             if any(f"{r['method']}:{r['labels']}" == n for r in runs)]
+    ipcs = sorted({r["ipc"] for r in runs})
+    head = f"hard-label top-1 on the whole training split: {full_hard:.2f}" if full_hard is not None else \
+        "hard-label top-1 on the whole training split: unknown (student is not the teacher's architecture)"
+    lines = [f"DD-Ranking, points of test top-1 ({head})", "",
+             "| method | labels | " + " | ".join(f"IPC {i} IOR | IPC {i} HLR" for i in ipcs) + " |",
+             "|---|---|" + "---|---|" * len(ipcs)]
+    for name in names:
+        method, labels = name.split(":")
+        cells = []
+        for i in ipcs:
+            own, rnd = _mean_of(runs, i, method, labels), _mean_of(runs, i, "random", labels)
+            hard = _mean_of(runs, i, method, "hard")
+            cells.append("-" if own is None or rnd is None else f"{own - rnd:+.1f}")
+            cells.append("-" if hard is None or full_hard is None else f"{full_hard - hard:.1f}")
+        lines.append(f"| {method} | {labels} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(runs: list[dict], rows: list[str] | None = None, epochs: int | None = None) -> str:

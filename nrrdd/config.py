@@ -41,8 +41,12 @@ class RunConfig:
     num_crop: int = 5
     factor: int | None = None           # patches per side; None: 1 below 64 px, 2 above (METHOD.md)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_min_side: int = 0              # >0: no discovery crop smaller than this many px a side (raises crop_scale[0])
+    whole_image: bool = False           # the whole image is one more candidate crop of every image
     cam: str = "auto"                   # auto (CAM where exact, else Grad-CAM) | cam | gradcam
     cidd_keep: str = "low"              # CIDD keeps the lowest-confidence crops [paper]; "high" = RDED's rule
+    cidd_quantile: float = 0.0          # CIDD keeps the crops from this quantile of its confidence ranking on
+    cidd_correct: bool = False          # CIDD ranks crops the teacher assigns to another class last
     discover_batch_size: int = 256
 
     # --- stage 2: refinement (NRR) ------------------------------------------------------------------
@@ -55,6 +59,7 @@ class RunConfig:
     a_bn: float = 0.01
     first_bn_multiplier: float = 10.0
     mask_every: int = 0                 # 0: mask fixed from the start [default]; k: recompute every k steps
+    nrr_mask_mode: str = "step"         # step (mask on Adam's step) [default] | grad (on the gradient) | sgd
     refine_batch_size: int = 100
 
     # --- SRe2L synthesis (method sre2l): noise init, then the refinement loop unmasked ----------------
@@ -71,9 +76,11 @@ class RunConfig:
     weight_decay: float = 0.01
     temperature: float = 20.0           # KL temperature for soft labels with CutMix (RDED)
     cutmix_alpha: float = 1.0
+    recipe: str = "nrrdd"               # nrrdd (CutMix per sample, cosine to 0 per step) | rded (RDED's own)
     alpha_dbr: float = 1.0              # [default]
-    dbr_distance: str = "l1"            # l1 [default] | l2
-    dbr_temperature: float = 1.0        # [default]
+    dbr_distance: str = "l1"            # l1 [default] | l2 | smooth-l1
+    dbr_temperature: float = 1.0        # [default] temperature of the distances (stored and the student's)
+    dbr_sce_temperature: float | None = None  # temperature of DBR's CutMix cross-entropy; None: dbr_temperature
     eval_batch_size: int = 500
     compile: bool | None = None         # torch.compile student training; None: where it pays (see resolved_compile)
     sync_bn: bool | None = None         # several processes: SyncBatchNorm in the student; None: on CUDA (CPU has none)
@@ -83,6 +90,7 @@ class RunConfig:
     teacher_epochs: int = 5
     teacher_lr: float = 0.05
     teacher_batch_size: int = 128
+    teacher_weight_decay: float = 5e-4
 
     # --- runtime --------------------------------------------------------------------------------------
     device: str = "auto"                # auto | cpu | cuda | cuda:N
@@ -141,6 +149,10 @@ class RunConfig:
         if num_classes >= 100:
             bs *= 2
         return min(bs, n)
+
+    def resolved_mix_batch(self, num_classes: int) -> int:
+        """CutMix per batch of this size (RDED's recipe), or 0: per sample."""
+        return self.resolved_batch_size(num_classes) if self.recipe == "rded" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,9 +39,25 @@ class Discovery:
     rows: torch.Tensor | None = None                    # the images written (assemble(rows=...)); None: all
 
 
-def candidate_boxes(seed: int, image_index: int, num_crop: int, size: int, scale) -> np.ndarray:
-    """The ``num_crop`` square crop boxes of one candidate image: a function of (seed, image index) only."""
-    return random_resized_boxes(rng(seed, STREAM_DISCOVER, image_index), num_crop, size, size, scale=scale)
+def candidate_boxes(seed: int, image_index: int, num_crop: int, size: int, scale,
+                    whole_image: bool = False) -> np.ndarray:
+    """The ``num_crop`` square crop boxes of one candidate image: a function of (seed, image index) only.
+    ``whole_image``: the whole image is one more candidate, after the random crops (which stay the same)."""
+    boxes = random_resized_boxes(rng(seed, STREAM_DISCOVER, image_index), num_crop, size, size, scale=scale)
+    if whole_image:
+        boxes = np.concatenate([boxes, np.array([[0, 0, size, size]], dtype=boxes.dtype)])
+    return boxes
+
+
+def crop_scale_for(size: int, scale=(0.08, 1.0), min_side: int = 0) -> tuple[float, float]:
+    """Discovery's random-resized-crop scale range on ``size`` px images: ``scale``, its lower bound raised so
+    that no crop is smaller than ``min_side`` px a side (``(min_side / size)**2`` of the image's area, at most 1).
+    RandomResizedCrop's 0.08 was chosen for 224 px ImageNet crops; on 28 px images it cuts 8 px fragments."""
+    lo, hi = float(scale[0]), float(scale[1])
+    if min_side > 0:
+        lo = min(max(lo, (min_side / size) ** 2), 1.0)
+        hi = max(hi, lo)
+    return lo, hi
 
 
 def cam_ratio(cam: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -74,6 +90,7 @@ def score_candidates(method: str, teacher: nn.Module, image: torch.Tensor, crops
     [b], score [b]). RDED keeps per image the crop of lowest cross-entropy and per class the lowest
     scores; CIDD keeps per image the crop of highest CAM ratio, scored by its softmax probability.
     The whole batch goes through the teacher at once, whatever classes it mixes.
+    Also returns whether the teacher classifies the kept crop as ``y`` ([b] bool), as a third value.
     """
     b, K = crops.shape[:2]
     S = image.shape[-1]
@@ -84,7 +101,8 @@ def score_candidates(method: str, teacher: nn.Module, image: torch.Tensor, crops
             logits = teacher(pad_to(crops.flatten(0, 1), S)).float()
         ce = -logits.log_softmax(1)[torch.arange(b * K, device=y.device), y.repeat_interleave(K)].view(b, K)
         score, best = ce.min(1)
-        return best, score
+        correct = logits.view(b, K, -1)[rows, best].argmax(1) == y
+        return best, score, correct
     if method == "nrrdd":
         with autocast(image.device, precision):
             cmap = class_activation_map(teacher, image, y, method=cam)
@@ -92,7 +110,7 @@ def score_candidates(method: str, teacher: nn.Module, image: torch.Tensor, crops
         kept = crops[rows.to(crops.device), best.to(crops.device)]
         with autocast(image.device, precision):
             logits = teacher(pad_to(kept, S)).float()
-        return best, logits.softmax(1)[rows, y]
+        return best, logits.softmax(1)[rows, y], logits.argmax(1) == y
     raise ValueError(f"unknown discovery method {method!r}")
 
 
@@ -113,6 +131,15 @@ class _Kept:
 
     def __len__(self) -> int:
         return 0 if self.key is None else len(self.key)
+
+    def window(self, n: int, quantile: float, correct_only: bool) -> "_Kept":
+        """``n`` consecutive candidates of the ranking, starting ``quantile`` of the way down it (over the
+        correctly classified ones with ``correct_only``: those whose key is their score)."""
+        m = int((self.key == self.score).sum()) if correct_only else len(self)
+        start = int(round(quantile * (max(m, n) - n)))
+        w = _Kept(n, self.descending)
+        w.key, w.score, w.index, w.box = (t[start:start + n] for t in (self.key, self.score, self.index, self.box))
+        return w
 
     def state(self):
         return None if self.key is None else (self.key, self.score, self.index, self.box)
@@ -145,12 +172,14 @@ def noise_init(n_classes: int, ipc: int, channels: int, size: int, seed: int, no
 
 def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
              mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
-             keep: str = "low", batch_size: int = 256, device: torch.device | str = "cpu",
+             keep: str = "low", quantile: float = 0.0, correct_only: bool = False, whole_image: bool = False,
+             batch_size: int = 256, device: torch.device | str = "cpu",
              precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2,
              dist: Dist = SINGLE, rows: torch.Tensor | None = None) -> Discovery:
     """Run stage 1 for every class: :func:`select`, then :func:`assemble` (``rows``: only those images)."""
     d = select(method, teacher, train, normalizer, ipc=ipc, mipc=mipc, num_crop=num_crop, factor=factor, seed=seed,
-               crop_scale=crop_scale, cam=cam, keep=keep, batch_size=batch_size, device=device, precision=precision,
+               crop_scale=crop_scale, cam=cam, keep=keep, quantile=quantile, correct_only=correct_only,
+               whole_image=whole_image, batch_size=batch_size, device=device, precision=precision,
                show_progress=show_progress, loader=loader, workers=workers, dist=dist)
     return assemble(d, train, normalizer, factor=factor, rows=rows, batch_size=batch_size, device=device,
                     loader=loader, workers=workers)
@@ -158,7 +187,8 @@ def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer
 
 def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
            mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
-           keep: str = "low", batch_size: int = 256, device: torch.device | str = "cpu",
+           keep: str = "low", quantile: float = 0.0, correct_only: bool = False, whole_image: bool = False,
+           batch_size: int = 256, device: torch.device | str = "cpu",
            precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2,
            dist: Dist = SINGLE) -> Discovery:
     """Stage 1's choice for every class: which crop of which image goes into which slot (``sources``), without
@@ -170,7 +200,18 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
     ``mipc`` or with the crops' size. Several processes (``dist``): batch ``k`` of that stream is scored by rank
     ``k % world`` as the same batch as in one process; the ranks' kept candidates (numbers, no pixels) are
     merged, and every rank returns the same selection.
+
+    CIDD's rule (``nrrdd``): per class the candidates are ranked by confidence, ascending (``keep="low"``, the
+    paper) or descending (``"high"``, RDED's rule), and ``ipc * factor**2`` consecutive ones are kept, starting
+    at ``quantile`` of the way down the ranking (0: the first; 1: the last). ``correct_only``: candidates whose
+    kept crop the teacher assigns to another class are ranked after all others (used only when too few are
+    left) and the window runs over the correctly classified ones. ``whole_image``: the whole image is one
+    more candidate crop of every image (for ``rded`` and ``nrrdd``).
     """
+    if keep not in ("low", "high"):
+        raise ValueError(f"keep must be 'low' or 'high', not {keep!r}")
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"the CIDD quantile must lie in [0, 1], got {quantile}")
     if method == "sre2l":
         return noise_init(len(train.classes), ipc, train.channels, train.size, seed, normalizer)
     if method not in ("random", "rded", "nrrdd"):
@@ -193,15 +234,18 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
         boxes_fn = lambda i: full  # noqa: E731
         cands = [cand[:2 * n_patch] for cand in cands]
     else:
-        boxes_fn = lambda i: candidate_boxes(seed, i, num_crop, S, crop_scale)  # noqa: E731
+        boxes_fn = lambda i: candidate_boxes(seed, i, num_crop, S, crop_scale, whole_image)  # noqa: E731
     order = torch.cat(cands)
     position = torch.empty(int(order.max()) + 1, dtype=torch.long)
     position[order] = torch.arange(len(order))
     descending = method == "nrrdd" and keep == "high"
+    # a window inside the ranking needs the whole ranking: keep every candidate's numbers (no pixels)
+    window = method == "nrrdd" and (quantile > 0 or correct_only)
+    n_keep = max(len(c) for c in cands) if window else n_patch
     # dist: batch k of the (screened) stream goes to rank k % world, holding exactly what it holds in one process
     src = PatchSource(train, order, normalizer, crop_size=s, boxes=boxes_fn, loader=loader, batch_size=batch_size,
                       workers=workers, device=device, dist=dist)
-    kept = [_Kept(n_patch, descending) for _ in range(n_classes)]
+    kept = [_Kept(n_keep, descending) for _ in range(n_classes)]
     for batch in progress(src, desc=f"discover[{method}]", enable=show_progress and dist.is_main,
                           total=-(-len(order) // batch_size // dist.world)):
         if method == "random":
@@ -209,10 +253,13 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
             score = torch.full((len(batch.index),), float("nan"))
             key = position[batch.index].float()
         else:
-            best, score = score_candidates(method, teacher, batch.image, batch.crops, batch.boxes, batch.label,
-                                           cam, precision)
+            best, score, correct = score_candidates(method, teacher, batch.image, batch.crops, batch.boxes,
+                                                    batch.label, cam, precision)
             best, score = best.cpu(), score.float().cpu()
             key = score
+            if window and correct_only:     # confidences lie in [0, 1]: misclassified crops rank after the rest
+                wrong = (~correct.cpu()).float() * 2.0
+                key = score - wrong if descending else score + wrong
         box = batch.boxes[torch.arange(len(batch.index)), best]
         for c in batch.label.unique().tolist():
             m = batch.label == c
@@ -220,7 +267,7 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
     skipped = src.skipped
     if dist.active:         # screening results are on every rank already; decoding failures are per rank
         shards = dist.all_gather(([k.state() for k in kept], src.skipped[len(src.screened_out):]))
-        kept = [_Kept.merged(n_patch, descending, [sh[0][c] for sh in shards], position) for c in range(n_classes)]
+        kept = [_Kept.merged(n_keep, descending, [sh[0][c] for sh in shards], position) for c in range(n_classes)]
         skipped = src.screened_out + [s for sh in shards for s in sh[1]]
     base, _ = train.locate([])
     files = getattr(base, "samples", None)
@@ -230,6 +277,8 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
             bad = [f"{p}: {r}" for p, r in skipped][:5]
             raise ValueError(f"class {c} ({train.classes[c]!r}) has only {len(k)} usable candidate images but "
                              f"{n_patch} patches are needed; files skipped: {bad}")
+        if window:
+            k = k.window(n_patch, quantile, correct_only)
         base_idx = train.locate(k.index)[1].tolist()
         for j in range(n_patch):
             src_j = {"class": c, "image": int(k.index[j]), "box": k.box[j].tolist(), "score": float(k.score[j]),

@@ -33,7 +33,7 @@ from PIL import Image
 from .cam import require_cam
 from .config import RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
-from .discover import Discovery, assemble, select
+from .discover import Discovery, assemble, crop_scale_for, select
 from .dist import SINGLE, Dist, setup as setup_dist
 from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
                  ensure_writable, file_sha256, load_safetensors, refuse_overwrite, safetensors_header, tensor_sha256,
@@ -103,8 +103,9 @@ _RUNTIME_FIELDS = {"resume", "threads", "loader_workers", "out", "checkpoint_eve
                    "set_on_device"}
 # Fields a synthetic set does not depend on (student stage, runtime): reuse and resume of a distillation ignore them.
 NOT_DISTILL = {"labels", "epochs", "batch_size", "lr", "weight_decay", "temperature", "cutmix_alpha", "alpha_dbr",
-               "dbr_distance", "dbr_temperature", "eval_batch_size", "student", "student_kwargs", "sync_bn", "teacher",
-               "teacher_epochs", "teacher_lr", "teacher_batch_size", "test_root", "test_limit", "device",
+               "dbr_distance", "dbr_temperature", "dbr_sce_temperature", "recipe", "eval_batch_size", "student",
+               "student_kwargs", "sync_bn", "teacher", "teacher_epochs", "teacher_lr", "teacher_batch_size",
+               "teacher_weight_decay", "test_root", "test_limit", "device",
                "precision", "threads", "out"} | _RUNTIME_FIELDS
 
 
@@ -155,7 +156,8 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     skipped: list = []
     with _timed(ctx, "train"):
         train_teacher(model, sp.train, sp.normalizer, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
-                      batch_size=cfg.teacher_batch_size, seed=cfg.seed, flip=cfg.dataset != "mnist",
+                      batch_size=cfg.teacher_batch_size, weight_decay=cfg.teacher_weight_decay, seed=cfg.seed,
+                      flip=cfg.dataset != "mnist",
                       device=ctx.device, precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
                       workers=cfg.loader_workers, skipped=skipped)
     with _timed(ctx, "evaluate"):
@@ -241,8 +243,10 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     if d is None:
         with _timed(ctx, "discover"):
             d = select(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
-                       num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale),
-                       cam=cfg.cam, keep=cfg.cidd_keep, batch_size=cfg.discover_batch_size, device=ctx.device,
+                       num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed,
+                       crop_scale=crop_scale_for(sp.size, cfg.crop_scale, cfg.crop_min_side), cam=cfg.cam,
+                       keep=cfg.cidd_keep, quantile=cfg.cidd_quantile, correct_only=cfg.cidd_correct,
+                       whole_image=cfg.whole_image, batch_size=cfg.discover_batch_size, device=ctx.device,
                        precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
                        workers=cfg.loader_workers, dist=ctx.dist)
         if refined and ctx.dist.is_main and d.images is None:   # a resumed run starts from here
@@ -272,7 +276,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                        iterations=cfg.sre2l_iterations if sre2l else cfg.nrr_iterations, eps=cfg.nrr_eps,
                        lr=cfg.nrr_lr, betas=cfg.nrr_betas, adam_eps=cfg.nrr_adam_eps, a_bn=cfg.a_bn,
                        first_bn_multiplier=cfg.first_bn_multiplier, mask_every=cfg.mask_every,
-                       batch_size=cfg.refine_batch_size, masked=not sre2l, cam=cfg.cam,
+                       batch_size=cfg.refine_batch_size, masked=not sre2l, mask_mode=cfg.nrr_mask_mode, cam=cfg.cam,
                        jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(),
                        seed=cfg.seed, precision=ctx.precision, device=ctx.device, show_progress=show_progress,
                        desc="synthesise[sre2l]" if sre2l else "refine", parts=parts, dist=ctx.dist,
@@ -421,17 +425,18 @@ def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: b
     _refuse_leftover(cfg, parts.exists(), f"{parts.folder} holds the labels of an interrupted relabelling")
     teacher = load_teacher(ctx)
     temperature = cfg.dbr_temperature if mode == "dbr" else 1.0
+    batch_size = max(1, cfg.resolved_batch_size(len(ctx.splits.classes)))
+    mix_batch = cfg.resolved_mix_batch(len(ctx.splits.classes))
     with _timed(ctx, "relabel"):
         relabel(teacher, images, labels, mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=ctx.factor,
-                cutmix_alpha=cfg.cutmix_alpha, temperature=temperature,
-                batch_size=max(1, cfg.resolved_batch_size(len(ctx.splits.classes))), device=ctx.device,
+                cutmix_alpha=cfg.cutmix_alpha, temperature=temperature, batch_size=batch_size, device=ctx.device,
                 precision=ctx.precision, parts=parts, show_progress=show_progress, dist=ctx.dist,
-                set_on_device=cfg.set_on_device)
+                set_on_device=cfg.set_on_device, mix_batch=mix_batch)
     if not ctx.dist.is_main:
         return _follower_done(ctx, {"labels_file": str(out)})
     # the labels are on disk in chunks (one chunk at a time was in memory): the file is their concatenation
     parts.write(out, cfg.epochs, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
-                temperature=temperature, synthetic_sha256=tensor_sha256(images, labels))
+                temperature=temperature, synthetic_sha256=tensor_sha256(images, labels), mix_batch=mix_batch)
     parts.remove()                                  # the label file is written: its chunks are spent
     write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), **_provenance(ctx), labels_file=str(out),
                    label_bytes=out.stat().st_size, timings=dict(ctx.timings))
@@ -462,6 +467,14 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
             raise ValueError(f"{label_file} was computed for another synthetic set than {syn_dir}")
         if int(lmeta.get("seed", cfg.seed)) != cfg.seed:
             raise ValueError(f"{label_file} replays the augmentation of seed {lmeta['seed']}, not {cfg.seed}")
+        mix_batch = cfg.resolved_mix_batch(len(sp.classes))
+        if int(lmeta.get("mix_batch", 0)) != mix_batch:
+            raise ValueError(f"{label_file} replays CutMix {_mixing(int(lmeta.get('mix_batch', 0)))}, but this "
+                             f"student (--recipe {cfg.recipe}) mixes {_mixing(mix_batch)}: relabel with the same "
+                             "--recipe and --batch-size")
+        if label_mode == "dbr" and "temperature" in lmeta and float(lmeta["temperature"]) != cfg.dbr_temperature:
+            raise ValueError(f"{label_file} holds distances at temperature {lmeta['temperature']}, not at "
+                             f"--dbr-temperature {cfg.dbr_temperature}: relabel with the same temperature")
         label_bytes = label_file.stat().st_size
     teacher = load_teacher(ctx) if label_mode == "online" else None
     torch.manual_seed(cfg.seed)
@@ -477,7 +490,8 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
                                 factor=ctx.factor, teacher=teacher, stored=stored, lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, temperature=cfg.temperature,
                                 cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr, dbr_distance=cfg.dbr_distance,
-                                dbr_temperature=cfg.dbr_temperature, device=ctx.device, precision=ctx.precision,
+                                dbr_temperature=cfg.dbr_temperature, dbr_sce_temperature=cfg.dbr_sce_temperature,
+                                recipe=cfg.recipe, device=ctx.device, precision=ctx.precision,
                                 compile=compiled, checkpoint=ckpt, show_progress=show_progress, dist=ctx.dist,
                                 sync_bn=sync_bn, set_on_device=cfg.set_on_device)
     with _timed(ctx, "evaluate"):
@@ -497,7 +511,21 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     return result
 
 
+def _mixing(mix_batch: int) -> str:
+    return f"per batch of {mix_batch}" if mix_batch else "per sample"
+
+
 def eval_tag(cfg: RunConfig, label_mode: str) -> str:
     """Names an evaluation of a synthetic set: ``<syn>/eval_<tag>.json``, one per label mode, student and seed."""
     student_tag = re.sub(r"[^\w.-]", ".", cfg.student)        # package.module:Class -> package.module.Class
-    return f"{label_mode}_{student_tag}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
+    tag = f"{label_mode}_{student_tag}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
+    if cfg.recipe != "nrrdd":                       # student settings other than the defaults name themselves
+        tag += f"_{cfg.recipe}"
+    if label_mode == "dbr":
+        if cfg.dbr_distance != "l1":
+            tag += f"_{cfg.dbr_distance}"
+        if cfg.dbr_temperature != 1.0:
+            tag += f"_T{cfg.dbr_temperature:g}"
+        if cfg.dbr_sce_temperature is not None:
+            tag += f"_Tsce{cfg.dbr_sce_temperature:g}"
+    return tag

@@ -77,7 +77,8 @@ def cosine_lr(step: int, total: int) -> float:
 def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
            iterations: int = 500, eps: float = 0.5, lr: float = 0.25, betas=(0.5, 0.9), adam_eps: float = 1e-8,
            a_bn: float = 0.01, first_bn_multiplier: float = 10.0, mask_every: int = 0, batch_size: int = 100,
-           masked: bool = True, cam: str = "auto", jitter: int = 0, flip: bool = False, seed: int = 0,
+           masked: bool = True, mask_mode: str = "step", cam: str = "auto", jitter: int = 0, flip: bool = False,
+           seed: int = 0,
            precision: str = "fp32", device="cpu", show_progress: bool = True, desc: str = "refine",
            parts: ChunkStore | None = None, dist: Dist = SINGLE,
            out: torch.Tensor | None = None) -> RefineResult | None:
@@ -89,6 +90,11 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
     Written in place, the set is held once (at ImageNet IPC 50, 30 GB) instead of three times (the input, the
     refined batches, the assembled result).
 
+    ``mask_mode``: where the mask M enters the update (:data:`MASK_MODES`): ``step`` scales Adam's step (the
+    fused masked-Adam kernel; METHOD.md's default), ``grad`` scales the gradient before a plain Adam (Adam's
+    per-element normalisation then leaves mostly a binary mask: M > 0 moves at full speed), ``sgd`` is plain
+    gradient descent ``x <- clamp(x - lr * M * grad)`` (the update as a summary of the paper writes it; its
+    ``lr`` is on another scale than Adam's).
     ``masked=False`` optimises every pixel (SRe2L-style synthesis, or an unmasked ablation). ``jitter`` (px)
     and ``flip`` augment the teacher's input each step (SRe2L); off by default. ``seed`` keys their draws.
     ``parts``: keep each refined batch there as it is done and skip the batches already there (batches are
@@ -98,6 +104,8 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
     """
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0 px, got {jitter}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, not {mask_mode!r}")
     if dist.active and parts is None:
         raise ValueError("refinement in several processes passes its batches through `parts` (a ChunkStore)")
     device = torch.device(device)
@@ -131,7 +139,7 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
             views = _input_views(iterations, jitter, flip, seed, start // batch_size)
             x, m, last = _refine_batch(teacher, bn_loss, images[idx].to(device), labels[idx].to(device), lo, hi,
                                        iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked, cam,
-                                       precision, views)
+                                       precision, views, mask_mode)
             x, m = x.cpu(), m.cpu()
             if parts is not None:
                 parts.save(name, {"images": x, "masks": m}, loss=repr(last))
@@ -188,8 +196,24 @@ def _input_views(iterations: int, jitter: int, flip: bool, seed: int, batch: int
     return [(int(dy), int(dx), bool(f)) for (dy, dx), f in zip(shifts, flips)]
 
 
+MASK_MODES = ("step", "grad", "sgd")
+
+
+class _MaskedSGD:
+    """``x <- clamp(x - lr * M * grad, lo, hi)`` per channel: the ``sgd`` mask mode (no fused kernel)."""
+
+    def __init__(self, x: torch.Tensor, mask: torch.Tensor, lr: float, lo: torch.Tensor, hi: torch.Tensor):
+        self.x, self.mask, self.lr = x, mask, lr
+        self.lo, self.hi = lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def step(self, factor: float) -> None:
+        self.x.sub_(self.lr * factor * self.mask * self.x.grad)
+        self.x.copy_(torch.maximum(torch.minimum(self.x, self.hi), self.lo))
+
+
 def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked,
-                  cam, precision, views=None):
+                  cam, precision, views=None, mask_mode="step"):
     def mask_of(x):
         if not masked:
             return torch.ones(x.shape[0], 1, *x.shape[-2:], device=x.device)
@@ -200,17 +224,25 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
 
     x = x0.clone().float().requires_grad_(True)
     mask = mask_of(x)
-    opt = MaskedAdam([x], mask=mask, lr=lr, betas=tuple(betas), eps=adam_eps,
-                     bounds=(lo.to(x.device), hi.to(x.device)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_lr(t, iterations))
+    lo, hi = lo.to(x.device), hi.to(x.device)
+    sgd = opt = sched = None
+    if mask_mode == "sgd":
+        sgd = _MaskedSGD(x, mask, lr, lo, hi)
+    else:               # "grad": the mask multiplies the gradient below and Adam itself is unmasked
+        opt = MaskedAdam([x], mask=mask if mask_mode == "step" else None, lr=lr, betas=tuple(betas), eps=adam_eps,
+                         bounds=(lo, hi))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_lr(t, iterations))
     loss = torch.full((), float("nan"))
     # the first non-finite step, kept on the device and read every CHECK_EVERY steps: no host sync per step
     first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
     for it in range(iterations):
         if mask_every and it and it % mask_every == 0:
             mask = mask_of(x)
-            opt.set_mask(mask)
-        opt.zero_grad(set_to_none=True)
+            if mask_mode == "step":
+                opt.set_mask(mask)
+            elif sgd is not None:
+                sgd.mask = mask
+        x.grad = None
         xin = x
         if views is not None:
             dy, dx, f = views[it]
@@ -225,6 +257,11 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
         if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
             _check(first_bad, y)
         loss.backward()
+        if sgd is not None:
+            sgd.step(cosine_lr(it, iterations))
+            continue
+        if mask_mode == "grad":
+            x.grad.mul_(mask)
         opt.step()
         sched.step()
     if not torch.isfinite(x).all():

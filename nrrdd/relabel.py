@@ -25,8 +25,11 @@ from .runtime import autocast, progress
 def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int, seed: int,
             factor: int, cutmix_alpha: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
             device="cpu", precision: str = "fp32", parts: "LabelParts | None" = None,
-            show_progress: bool = True, dist: Dist = SINGLE, set_on_device: bool | None = None) -> torch.Tensor | None:
+            show_progress: bool = True, dist: Dist = SINGLE, set_on_device: bool | None = None,
+            mix_batch: int = 0) -> torch.Tensor | None:
     """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order.
+
+    ``mix_batch``: the student recipe's CutMix batch (:func:`nrrdd.augment.epoch_augment`; 0: per sample).
 
     ``parts``: write the labels in chunks of ``parts.every`` epochs as they are made, and start after the
     chunks already there (a killed run resumes; epoch e's labels depend only on (seed, e)). The labels then
@@ -51,7 +54,7 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     pending: dict[tuple[int, int], torch.Tensor] = {}       # (epoch, batch) -> labels not yet collected
     for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress and dist.is_main,
                       total=epochs, initial=first):
-        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
+        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha, mix_batch)
         mine = [k for k in range(n_batches) if dist.owns(e * n_batches + k)]
         index_batches = [torch.arange(k * batch_size, min(N, (k + 1) * batch_size)) for k in mine]
         # the first non-finite batch, kept on the device and read once per epoch: no host sync per batch
@@ -140,26 +143,29 @@ class LabelParts:
         return [path for path, _ in chain]
 
     def write(self, path: str | Path, epochs: int, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
-              temperature: float, synthetic_sha256: str) -> Path:
+              temperature: float, synthetic_sha256: str, mix_batch: int = 0) -> Path:
         """The label file of ``epochs`` epochs (what :func:`save_labels` writes, to the byte) from the chunks,
         streamed."""
         return atomic_concat_safetensors(path, "labels", self.pieces(epochs), metadata=_label_meta(
-            mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256))
+            mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256, mix_batch))
 
     def remove(self) -> None:
         self.store.remove()
 
 
 def _label_meta(mode: str, seed: int, factor: int, cutmix_alpha: float, temperature: float,
-                synthetic_sha256: str) -> dict[str, str]:
-    return {"mode": mode, "seed": str(seed), "factor": str(factor), "cutmix_alpha": repr(cutmix_alpha),
+                synthetic_sha256: str, mix_batch: int = 0) -> dict[str, str]:
+    meta = {"mode": mode, "seed": str(seed), "factor": str(factor), "cutmix_alpha": repr(cutmix_alpha),
             "temperature": repr(temperature), "synthetic_sha256": synthetic_sha256,
             "layout": "[epoch, sample, 2=(d_org,d_aug)]" if mode == "dbr" else "[epoch, sample, class logits]"}
+    if mix_batch:                   # RDED's per-batch CutMix: the labels hold only for this batch size
+        meta["mix_batch"] = str(mix_batch)
+    return meta
 
 
 def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
-                temperature: float, synthetic_sha256: str) -> Path:
-    meta = _label_meta(mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256)
+                temperature: float, synthetic_sha256: str, mix_batch: int = 0) -> Path:
+    meta = _label_meta(mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256, mix_batch)
     return atomic_save_safetensors(path, {"labels": labels}, metadata=meta)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nrrdd.kernels import DBRLoss
 
-from .augment import STREAM_ORDER, epoch_augment, rng
+from .augment import epoch_augment, epoch_order
 from .data import ImageSet, Normalizer
 from .dist import SINGLE, Dist
 from .feed import SetFeed
@@ -32,8 +32,16 @@ def _param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+RECIPES = ("nrrdd", "rded")
+
+
 def _cosine(total_steps: int):
     return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / max(1, total_steps)))
+
+
+def _rded_schedule(epochs: int, steps_per_epoch: int):
+    """RDED's factor 0.5 (1 + cos(pi e / 2E)) for epoch e, here stepped per step (constant within an epoch)."""
+    return lambda t: 0.5 * (1 + math.cos(math.pi * min(t // steps_per_epoch, epochs) / max(1, epochs) / 2))
 
 
 @torch.no_grad()
@@ -68,10 +76,12 @@ def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_
 
 
 def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, epochs: int, lr: float,
-                  batch_size: int, seed: int, flip: bool = True, device="cpu", precision: str = "fp32",
+                  batch_size: int, seed: int, weight_decay: float = 5e-4, flip: bool = True, device="cpu",
+                  precision: str = "fp32",
                   show_progress: bool = True, loader: str = "torch", workers: int = 2,
                   skipped: list | None = None) -> nn.Module:
-    """SGD (momentum 0.9, nesterov, wd 5e-4), cosine lr, random 2-px shifts and horizontal flips.
+    """SGD (momentum 0.9, nesterov, ``weight_decay`` on weights only), cosine lr, random 2-px shifts and
+    horizontal flips.
 
     Images are read through :class:`~nrrdd.loaders.PatchSource` (``loader``: DALI or torch with ``workers``
     decoding processes, for image folders): files that cannot be decoded are left out and appended to
@@ -79,7 +89,7 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, 
     from .loaders import PatchSource
 
     model.to(device).train()
-    opt = torch.optim.SGD(_param_groups(model, 5e-4), lr=lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
     g = torch.Generator().manual_seed(seed)
@@ -125,6 +135,49 @@ def _shift(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
     return xp.gather(3, cols)
 
 
+DBR_DISTANCES = ("l1", "l2", "smooth-l1")
+
+
+def dbr_criterion(alpha: float, temperature: float, distance: str, sce_temperature: float | None,
+                  reduction: str):
+    """The DBR loss ``(logits, y_org, y_aug, lam, d_org_t, d_aug_t) -> loss`` for these settings.
+
+    ``sce_temperature`` None: METHOD.md's loss, one temperature for the CutMix cross-entropy and the distances,
+    on the fused kernel (:class:`nrrdd.kernels.DBRLoss`, distances l1 or l2). Otherwise the CutMix
+    cross-entropy is taken at ``sce_temperature`` and only the distances at ``temperature`` (those the
+    teacher's stored distances were computed at); this variant, and ``smooth-l1`` (Huber, beta 1), run as plain
+    PyTorch (:func:`dbr_loss_decoupled`)."""
+    if distance not in DBR_DISTANCES:
+        raise ValueError(f"unknown DBR distance {distance!r}: {', '.join(DBR_DISTANCES)}")
+    if sce_temperature is None and distance != "smooth-l1":
+        return DBRLoss(alpha=alpha, temperature=temperature, distance=distance, reduction=reduction)
+    t_sce = temperature if sce_temperature is None else sce_temperature
+    return lambda *a: dbr_loss_decoupled(*a, alpha=alpha, temperature=temperature, sce_temperature=t_sce,
+                                         distance=distance, reduction=reduction)
+
+
+def dbr_loss_decoupled(logits, y_org, y_aug, lam, d_org_t, d_aug_t, *, alpha: float, temperature: float,
+                       sce_temperature: float, distance: str, reduction: str = "mean") -> torch.Tensor:
+    """Per row ``lam CE(z/T_sce, y_org) + (1 - lam) CE(z/T_sce, y_aug)
+    + alpha (dist(d_org(z/T) - d_org_t) + dist(d_aug(z/T) - d_aug_t))``, with ``d_y(z/T) = -log softmax(z/T)[y]``;
+    logits [B, C], labels, lam and the teacher's distances [B]. Mean over rows, or the rows (``"none"``)."""
+    z = logits.float()
+    yo, ya = y_org.long().view(-1, 1), y_aug.long().view(-1, 1)
+    logp_sce = F.log_softmax(z / sce_temperature, 1)
+    sce = -lam * logp_sce.gather(1, yo)[:, 0] - (1 - lam) * logp_sce.gather(1, ya)[:, 0]
+    logp = logp_sce if temperature == sce_temperature else F.log_softmax(z / temperature, 1)
+    eo, ea = -logp.gather(1, yo)[:, 0] - d_org_t.float(), -logp.gather(1, ya)[:, 0] - d_aug_t.float()
+    if distance == "l1":
+        dist = eo.abs() + ea.abs()
+    elif distance == "l2":
+        dist = eo * eo + ea * ea
+    else:
+        dist = F.smooth_l1_loss(eo, torch.zeros_like(eo), reduction="none") + \
+            F.smooth_l1_loss(ea, torch.zeros_like(ea), reduction="none")
+    rows = sce + alpha * dist
+    return rows if reduction == "none" else rows.mean()
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             reduction: str = "mean") -> torch.Tensor:
     """RDED's soft-label loss: KL(softmax(t/T) || softmax(s/T)) per sample; its batch mean, or per sample
@@ -139,11 +192,17 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                   batch_size: int, seed: int, factor: int, teacher: nn.Module | None = None,
                   stored: torch.Tensor | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
                   temperature: float = 20.0, cutmix_alpha: float = 1.0, alpha_dbr: float = 1.0,
-                  dbr_distance: str = "l1", dbr_temperature: float = 1.0, device="cpu", precision: str = "fp32",
+                  dbr_distance: str = "l1", dbr_temperature: float = 1.0, dbr_sce_temperature: float | None = None,
+                  recipe: str = "nrrdd", device="cpu", precision: str = "fp32",
                   compile: bool = False, checkpoint: "TrainCheckpoint | None" = None,
                   show_progress: bool = True, dist: Dist = SINGLE, sync_bn: bool = False,
                   set_on_device: bool | None = None) -> nn.Module:
     """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N].
+
+    ``recipe`` (:data:`RECIPES`): ``nrrdd`` draws CutMix per sample (a derangement as partners) and decays the
+    learning rate to 0 by a cosine stepped per step; ``rded`` is RDED's own: one CutMix ratio and box per
+    batch, a random permutation of the batch as partners, and the learning rate times
+    0.5 (1 + cos(pi e / 2E)) stepped per epoch (it ends at half the initial rate).
 
     ``compile``: run the student's (and an online teacher's) forward and backward through
     ``torch.compile``. Shapes are static: every batch has ``batch_size`` samples except possibly the last
@@ -171,6 +230,8 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                              f"training needs {epochs} x {len(images)}")
     if mode not in ("online", "soft", "dbr", "hard"):
         raise ValueError(f"unknown label mode {mode!r}: online, soft, dbr or hard")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown student recipe {recipe!r}: {' or '.join(RECIPES)}")
     N, S = images.shape[0], images.shape[-1]
     if dist.active and min(batch_size, N % batch_size or batch_size) < dist.world:
         raise ValueError(f"{dist.world} processes need at least {dist.world} samples in every batch, but the "
@@ -182,9 +243,12 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
         teacher.to(device).eval()
     opt = torch.optim.AdamW(_param_groups(student, weight_decay), lr=lr)
     steps_per_epoch = math.ceil(N / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(epochs * steps_per_epoch))
+    schedule = (_cosine(epochs * steps_per_epoch) if recipe == "nrrdd"
+                else _rded_schedule(epochs, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    mix_batch = batch_size if recipe == "rded" else 0
     reduction = "none" if dist.active else "mean"          # several processes: per sample, summed below
-    dbr = DBRLoss(alpha=alpha_dbr, temperature=dbr_temperature, distance=dbr_distance, reduction=reduction)
+    dbr = dbr_criterion(alpha_dbr, dbr_temperature, dbr_distance, dbr_sce_temperature, reduction)
     first_epoch = checkpoint.restore(student, opt, sched) if checkpoint is not None else 0
     feed = SetFeed(images, labels, factor=factor, device=device, resident=set_on_device)
     model = student
@@ -195,8 +259,8 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
     fwd_teacher = torch.compile(teacher, dynamic=False) if compile and teacher is not None else teacher
     for e in progress(range(first_epoch, epochs), desc=f"student[{mode}]", enable=show_progress and dist.is_main,
                       total=epochs, initial=first_epoch):
-        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha)
-        order = torch.from_numpy(rng(seed, STREAM_ORDER, e).permutation(N))
+        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha, mix_batch)
+        order = torch.from_numpy(epoch_order(seed, e, N))
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         starts = range(0, N, batch_size)
         # this rank's part of each step's batch (the whole batch in one process)
