@@ -1,0 +1,240 @@
+"""The quality study: NRR-DD's open choices, decided on the validation split held out of the training set.
+
+Every trial distils (a set is shared by the trials that differ only in student settings), trains a student
+and records its top-1 on the held-out validation images, for each IPC and seed asked for. The test split is
+never evaluated here. Trials are grouped in rounds, one per open question of the method (METHOD.md, "What is
+still uncertain"); each round's trials are variations of the current defaults (``nrrdd.config.RunConfig``).
+
+    python scripts/study.py run --teacher T --ipcs 1 --seeds 0 1 2 [--rounds candidates rule] [--shard 0/2]
+    python scripts/study.py report [--ipcs 1 10]
+
+``run`` appends to ``results/sweep_<dataset>_study.json`` (re-running skips the trials already there; several
+``--shard i/n`` processes may run at once, each with ``--threads``). ``report`` prints, per IPC, each trial's
+mean ± std over seeds, its gain over its round's control with the same label mode, and whether the gain is larger
+than twice the larger of the two seed spreads (the rule for moving a default).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from nrrdd import pipeline
+from nrrdd.config import RunConfig
+
+# round -> [(trial name, method, label mode, overrides)]; the first trial of each label mode is the control.
+ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
+    "controls": [
+        ("random online", "random", "online", {}),
+        ("random hard", "random", "hard", {}),
+        ("rded online", "rded", "online", {}),
+    ],
+    "candidates": [       # crop geometry on small images
+        ("default", "nrrdd", "online", {}),
+        ("crop>=14px", "nrrdd", "online", {"crop_min_side": 14}),
+        ("crop>=20px", "nrrdd", "online", {"crop_min_side": 20}),
+        ("crop>=24px", "nrrdd", "online", {"crop_min_side": 24}),
+        ("whole image", "nrrdd", "online", {"whole_image": True}),
+    ],
+    "rule": [             # what "low confidence" means
+        ("default", "nrrdd", "online", {}),
+        ("correct only", "nrrdd", "online", {"cidd_correct": True}),
+        ("quantile 0.5", "nrrdd", "online", {"cidd_quantile": 0.5}),
+        ("correct, quantile 0.5", "nrrdd", "online", {"cidd_correct": True, "cidd_quantile": 0.5}),
+        ("high (RDED's rule)", "nrrdd", "online", {"cidd_keep": "high"}),
+    ],
+    "update": [           # where the mask enters the refinement
+        ("default", "nrrdd", "online", {}),
+        ("no refinement", "nrrdd", "online", {"refine": False}),
+        ("mask on gradient", "nrrdd", "online", {"nrr_mask_mode": "grad"}),
+        ("mask on gradient, lr 0.05", "nrrdd", "online", {"nrr_mask_mode": "grad", "nrr_lr": 0.05}),
+        ("masked sgd, lr 100", "nrrdd", "online", {"nrr_mask_mode": "sgd", "nrr_lr": 100.0}),
+        ("eps 0.3", "nrrdd", "online", {"nrr_eps": 0.3}),
+    ],
+    "recipe": [           # the student's recipe, on NRR-DD and on random images
+        ("default", "nrrdd", "online", {}),
+        ("rded recipe", "nrrdd", "online", {"recipe": "rded"}),
+        ("random online", "random", "online", {}),
+        ("random, rded recipe", "random", "online", {"recipe": "rded"}),
+    ],
+    "dbr": [              # DBR's loss against stored soft labels on the same images
+        ("soft (stored)", "nrrdd", "soft", {}),
+        ("dbr", "nrrdd", "dbr", {}),
+        ("dbr alpha 4", "nrrdd", "dbr", {"alpha_dbr": 4.0}),
+        ("dbr T 4, CE at T 1", "nrrdd", "dbr", {"dbr_temperature": 4.0, "dbr_sce_temperature": 1.0}),
+        ("dbr T 4, CE at T 1, alpha 4", "nrrdd", "dbr", {"dbr_temperature": 4.0, "dbr_sce_temperature": 1.0,
+                                                         "alpha_dbr": 4.0}),
+        ("dbr smooth-l1", "nrrdd", "dbr", {"dbr_distance": "smooth-l1"}),
+    ],
+}
+
+
+def results_path(dataset: str) -> Path:
+    return Path("results") / f"sweep_{dataset}_study.json"
+
+
+@contextmanager
+def locked(path: Path):
+    """Read-modify-write of the results file by several shard processes, one at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else None
+        box = {"data": data}
+        yield box
+        if box["data"] is not None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(box["data"], indent=1) + "\n")
+            tmp.replace(path)
+
+
+def distill_key(cfg: RunConfig) -> str:
+    """A synthetic set's settings (the fields it depends on), as a short hash naming its folder."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in pipeline.NOT_DISTILL}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run(args) -> None:
+    base = RunConfig(dataset=args.dataset, teacher=args.teacher, epochs=args.epochs, threads=args.threads)
+    if args.config:
+        base = RunConfig.load(args.config).replace(teacher=args.teacher, epochs=args.epochs, threads=args.threads)
+    # the defaults the trials vary, as their difference from RunConfig's (a later round builds on a winner)
+    plain = RunConfig().to_dict()
+    skip = {"teacher", "epochs", "threads", "dataset"}
+    base_diff = {k: v for k, v in json.loads(json.dumps(base.to_dict())).items()
+                 if k not in skip and json.loads(json.dumps(plain[k])) != v}
+    base_name = json.dumps(base_diff, sort_keys=True)
+    path = results_path(base.dataset)
+    with locked(path) as box:
+        if box["data"] is None:
+            box["data"] = {"dataset": base.dataset, "teacher": args.teacher,
+                           "metric": "val_top1: top-1 % on the validation images held out of the training split",
+                           "trials": []}
+        elif Path(box["data"]["teacher"]).resolve() != Path(args.teacher).resolve():
+            raise SystemExit(f"{path} holds trials of teacher {box['data']['teacher']}; move it away first")
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
+    todo = []
+    for rnd in args.rounds:
+        for name, method, labels, over in ROUNDS[rnd]:
+            if args.trials and name not in args.trials:
+                continue
+            for ipc in args.ipcs:
+                for seed in args.seeds:
+                    cfg = base.replace(method=method, labels=labels, ipc=ipc, seed=seed, **over)
+                    key = distill_key(cfg)
+                    if int(key, 16) % n_shards == shard:      # a set's trials stay in one process
+                        todo.append((rnd, name, cfg, over, key))
+    todo.sort(key=lambda t: t[4])                               # a set's trials one after the other
+    ctx = None
+    for rnd, name, cfg, over, key in todo:
+        with locked(path) as box:
+            done = any((t["round"], t["name"], t["ipc"], t["seed"], t["epochs"], t.get("base", "{}"))
+                       == (rnd, name, cfg.ipc, cfg.seed, cfg.epochs, base_name) for t in box["data"]["trials"])
+            box["data"] = None                                  # nothing to write
+        if done:
+            continue
+        syn = Path(args.out) / f"{cfg.dataset}_ipc{cfg.ipc}_s{cfg.seed}_{cfg.method}_{key}"
+        ctx = pipeline.make_context(cfg, like=ctx)
+        t0 = time.perf_counter()
+        if not (syn / "manifest_distill.json").exists():
+            pipeline.run_distill(cfg.replace(out=str(syn), resume=True), show_progress=False, ctx=ctx)
+        label_file = None
+        if cfg.labels in ("soft", "dbr"):
+            # stored labels depend on the seed, the recipe and (dbr) the distances' temperature too
+            tag = f"{cfg.labels}_s{cfg.seed}_{cfg.recipe}" + (f"_T{cfg.dbr_temperature:g}" if cfg.labels == "dbr"
+                                                               else "")
+            label_file = syn / f"labels_{tag}.safetensors"
+            if not label_file.exists():
+                lab_dir = syn / f"labels_{tag}"
+                lab_dir.mkdir(exist_ok=True)
+                for f in ("synthetic.safetensors", "config.json", "manifest_distill.json"):
+                    if not (lab_dir / f).exists():
+                        (lab_dir / f).symlink_to((syn / f).resolve())
+                pipeline.run_relabel(cfg.replace(resume=True), lab_dir, cfg.labels, show_progress=False, ctx=ctx)
+                (lab_dir / f"labels_{cfg.labels}.safetensors").replace(label_file)
+        eval_file = syn / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
+        if eval_file.exists():
+            r = json.loads(eval_file.read_text())
+        else:
+            r = pipeline.run_evaluate(cfg.replace(resume=True), syn, cfg.labels, label_file=label_file,
+                                      show_progress=False, ctx=ctx, validation_only=True)
+        rec = {"round": rnd, "name": name, "method": cfg.method, "labels": cfg.labels, "ipc": cfg.ipc,
+               "seed": cfg.seed, "epochs": cfg.epochs, "overrides": over, "val_top1": r["val_top1"],
+               "seconds": round(time.perf_counter() - t0, 1), "set": key, "base": base_name}
+        with locked(path) as box:
+            box["data"]["trials"].append(rec)
+        print(f"[{rnd}] {name:<28} ipc {cfg.ipc:<3} seed {cfg.seed} {cfg.labels:<6} val {r['val_top1']:.2f}% "
+              f"({rec['seconds']:.0f} s)", flush=True)
+
+
+def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
+    """Per (round, trial, ipc, epochs), in the order of :data:`ROUNDS`: mean, std and number of seeds; the gain over
+    the round's control (its first trial with the same method and label mode) and whether it is larger than
+    twice the larger seed spread (std) of the two."""
+    groups: dict[tuple, list[float]] = {}
+    for t in trials:                    # a round re-run on other defaults is another round
+        rnd = t["round"] if t.get("base", "{}") == "{}" else f"{t['round']} on {t['base']}"
+        groups.setdefault((rnd, t["name"], t["ipc"], t["epochs"]), []).append(t["val_top1"])
+    bases = {r for r, *_ in groups}
+    sd = lambda x: statistics.stdev(x) if len(x) > 1 else float("nan")  # noqa: E731
+    rows = []
+    for ipc, epochs in sorted({(k[2], k[3]) for k in groups}):
+        if ipcs and ipc not in ipcs:
+            continue
+        for rnd, trials_of_round in [(b, ROUNDS[b.split(" on ")[0]]) for b in
+                                     sorted(bases, key=lambda b: (list(ROUNDS).index(b.split(" on ")[0]), b))]:
+            for name, method, labels, _ in trials_of_round:
+                v = groups.get((rnd, name, ipc, epochs))
+                if not v:
+                    continue
+                control = next(n for n, m, lab, _ in trials_of_round if (m, lab) == (method, labels))
+                c = groups.get((rnd, control, ipc, epochs), [])
+                gain = statistics.mean(v) - statistics.mean(c) if c else float("nan")
+                spread = max(sd(v), sd(c)) if c else float("nan")
+                rows.append({"round": rnd, "name": name, "labels": labels, "ipc": ipc, "epochs": epochs,
+                             "mean": statistics.mean(v), "std": sd(v), "n": len(v), "control": control,
+                             "gain": gain, "significant": name != control and len(v) > 1 and len(c) > 1
+                             and abs(gain) > 2 * spread})
+    return rows
+
+
+def report(args) -> None:
+    data = json.loads(results_path(args.dataset).read_text())
+    print(f"{data['metric']}; teacher {data['teacher']}\n")
+    print("| round | trial | labels | IPC | epochs | val top-1 | vs control | > 2x spread |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in summarise(data["trials"], args.ipcs):
+        print(f"| {r['round']} | {r['name']} | {r['labels']} | {r['ipc']} | {r['epochs']} | {r['mean']:.2f} ± "
+              f"{r['std']:.2f} ({r['n']}) | {r['gain']:+.2f} | {'yes' if r['significant'] else ''} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--config", help="a JSON config: the defaults the trials vary (default: RunConfig's); the "
+                                    "trials record how it differs from RunConfig's")
+    p.add_argument("--ipcs", type=int, nargs="+", default=[1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--rounds", nargs="+", default=list(ROUNDS), choices=list(ROUNDS))
+    p.add_argument("--trials", nargs="*", help="only the trials of these names (default: every trial of the rounds)")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n parts (one process each)")
+    p.add_argument("--threads", type=int, default=0)
+    p = sub.add_parser("report")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--ipcs", type=int, nargs="*")
+    args = ap.parse_args()
+    run(args) if args.cmd == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()

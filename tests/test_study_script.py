@@ -1,0 +1,37 @@
+"""scripts/study.py's summary: gains against each round's control and the twice-the-spread rule, by hand."""
+import importlib.util
+import math
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "scripts" / "study.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def _trials(name, rnd, labels, values, ipc=1, base="{}"):
+    return [dict(round=rnd, name=name, labels=labels, ipc=ipc, epochs=300, seed=s, val_top1=v, base=base)
+            for s, v in enumerate(values)]
+
+
+def test_gain_against_the_rounds_control_and_the_spread_rule():
+    trials = (_trials("default", "candidates", "online", [60.0, 62.0, 64.0])            # mean 62, std 2
+              + _trials("crop>=20px", "candidates", "online", [70.0, 71.0, 72.0])       # +9 > 2 x 2
+              + _trials("crop>=14px", "candidates", "online", [63.0, 65.0, 67.0])       # +3 < 2 x 2
+              + _trials("dbr", "dbr", "dbr", [50.0, 50.0])
+              + _trials("dbr alpha 4", "dbr", "dbr", [52.0, 52.0]))                     # std 0: any gain counts
+    rows = {(r["round"], r["name"]): r for r in study.summarise(trials)}
+    assert rows[("candidates", "default")]["gain"] == 0 and not rows[("candidates", "default")]["significant"]
+    assert rows[("candidates", "crop>=20px")]["gain"] == 9.0 and rows[("candidates", "crop>=20px")]["significant"]
+    assert rows[("candidates", "crop>=14px")]["gain"] == 3.0 and not rows[("candidates", "crop>=14px")]["significant"]
+    assert math.isclose(rows[("candidates", "default")]["std"], 2.0)
+    assert rows[("dbr", "dbr alpha 4")]["significant"]
+    # rounds come out in ROUNDS order, trials in their round's order
+    assert [k for k in rows] == [("candidates", "default"), ("candidates", "crop>=14px"),
+                                 ("candidates", "crop>=20px"), ("dbr", "dbr"), ("dbr", "dbr alpha 4")]
+
+
+def test_a_round_on_other_defaults_is_reported_apart():
+    trials = (_trials("default", "rule", "online", [60.0, 61.0])
+              + _trials("default", "rule", "online", [70.0, 71.0], base='{"crop_min_side": 20}'))
+    rows = study.summarise(trials)
+    assert [(r["round"], r["mean"]) for r in rows] == [("rule", 60.5), ('rule on {"crop_min_side": 20}', 70.5)]
