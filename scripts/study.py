@@ -48,6 +48,13 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         ("correct, quantile 0.5", "nrrdd", "online", {"cidd_correct": True, "cidd_quantile": 0.5}),
         ("high (RDED's rule)", "nrrdd", "online", {"cidd_keep": "high"}),
     ],
+    "combined": [         # crop geometry and rule together (each alone is in its round)
+        ("default", "nrrdd", "online", {}),
+        ("whole image, correct only", "nrrdd", "online", {"whole_image": True, "cidd_correct": True}),
+        ("whole image, quantile 0.5", "nrrdd", "online", {"whole_image": True, "cidd_quantile": 0.5}),
+        ("crop>=20px, correct only", "nrrdd", "online", {"crop_min_side": 20, "cidd_correct": True}),
+        ("crop>=20px, quantile 0.5", "nrrdd", "online", {"crop_min_side": 20, "cidd_quantile": 0.5}),
+    ],
     "update": [           # where the mask enters the refinement
         ("default", "nrrdd", "online", {}),
         ("no refinement", "nrrdd", "online", {"refine": False}),

@@ -144,7 +144,7 @@ def test_demo_is_a_small_compare(data, tmp_path, monkeypatch, capsys):
     rows = run_demo(build_config(ns), rows=["random:online", "nrrdd:dbr"], explicit=_explicit(ns))
     printed = capsys.readouterr().out
     assert "distilling with nrrdd ..." in printed and "training a student on nrrdd with dbr labels ..." in printed
-    head = "method   labels   top-1 %  label bytes discover s  refine s relabel s  train s"
+    head = "method   labels   top-1 % vs random  label bytes discover s  refine s relabel s  train s"
     assert head in printed
 
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -157,3 +157,17 @@ def test_demo_is_a_small_compare(data, tmp_path, monkeypatch, capsys):
     assert rows[1]["refine_s"] > 0 and rows[1]["relabel_s"] > 0 and rows[1]["train_s"] > 0
     for name in ("sheet_nrrdd.png", "sheet_compare.png", "compare.json", "compare.md"):
         assert (tmp_path / "demo" / name).exists(), name
+
+
+def test_demo_table_shows_the_gain_over_random_images_with_the_same_labels():
+    from nrrdd.demo import format_table
+
+    def row(method, labels, top1):
+        return dict(method=method, labels=labels, test_top1=top1, label_bytes=0, discover_s=0.0, refine_s=0.0,
+                    relabel_s=0.0, train_s=1.0)
+
+    lines = format_table([row("random", "online", 80.0), row("nrrdd", "online", 82.5),
+                          row("nrrdd", "dbr", 79.0)]).splitlines()
+    assert lines[2].split()[:4] == ["random", "online", "80.00", "+0.00"]
+    assert lines[3].split()[:4] == ["nrrdd", "online", "82.50", "+2.50"]
+    assert lines[4].split()[:4] == ["nrrdd", "dbr", "79.00", "-"]

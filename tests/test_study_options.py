@@ -289,3 +289,14 @@ def test_full_hard_top1_is_the_teachers_accuracy_for_the_same_architecture(tmp_p
     cfg = RunConfig(teacher=str(tmp_path / "teacher.pt"))
     assert full_hard_top1(cfg) == 92.7
     assert full_hard_top1(cfg.replace(student="conv4")) is None
+
+
+def test_flags_with_a_few_valid_words_are_checked_when_parsed(capsys):
+    from nrrdd.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["show-config", "--recipe", "rdd"])
+    assert e.value.code == 2 and "invalid choice: 'rdd'" in capsys.readouterr().err
+    assert main(["show-config", "--recipe", "rded", "--dbr-sce-temperature", "none", "--nrr-mask-mode", "grad"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["recipe"], cfg["dbr_sce_temperature"], cfg["nrr_mask_mode"]) == ("rded", None, "grad")
