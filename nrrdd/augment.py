@@ -143,7 +143,7 @@ class EpochAugment:
     boxes: torch.Tensor     # [N, 4] random-resized-crop box (top, left, h, w)
     flip: torch.Tensor      # [N] bool
     perms: torch.Tensor     # [N, factor**2] patch order
-    partner: torch.Tensor   # [N] CutMix partner pi(i) (a derangement)
+    partner: torch.Tensor   # [N] CutMix partner pi(i) (a derangement; per batch, RDED's: a permutation)
     lam: torch.Tensor       # [N] fraction of sample i left after the cut (area-corrected)
     cut: torch.Tensor       # [N, 4] cut box (top, left, h, w)
 

@@ -44,7 +44,8 @@ HELP = {
     "crop_scale": "discovery: random-resized-crop area range, as a fraction of the image (torchvision's scale)",
     "crop_min_side": "discovery: no crop smaller than this many px a side (raises --crop-scale's lower bound to "
                      "(side / input size)^2); 0: off",
-    "whole_image": "discovery (rded, nrrdd): the whole image is one more candidate crop of every image",
+    "whole_image": "discovery (rded, nrrdd): the whole image is one more candidate crop of every image (nrrdd's "
+                   "CAM ratio is 1 for it, the highest: CIDD then keeps whole images only)",
     "cidd_keep": "nrrdd discovery: rank candidates by confidence ascending (low, the paper) or descending (high, "
                  "RDED's rule)",
     "cidd_quantile": "nrrdd discovery: keep ipc x factor^2 consecutive candidates of the ranking starting this far "

@@ -15,6 +15,7 @@ grows; :func:`assemble` then cuts the chosen crops again from their images and s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,7 +137,7 @@ class _Kept:
         """``n`` consecutive candidates of the ranking, starting ``quantile`` of the way down it (over the
         correctly classified ones with ``correct_only``: those whose key is their score)."""
         m = int((self.key == self.score).sum()) if correct_only else len(self)
-        start = int(round(quantile * (max(m, n) - n)))
+        start = int(math.floor(quantile * (max(m, n) - n) + 0.5))
         w = _Kept(n, self.descending)
         w.key, w.score, w.index, w.box = (t[start:start + n] for t in (self.key, self.score, self.index, self.box))
         return w

@@ -467,6 +467,10 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
             raise ValueError(f"{label_file} was computed for another synthetic set than {syn_dir}")
         if int(lmeta.get("seed", cfg.seed)) != cfg.seed:
             raise ValueError(f"{label_file} replays the augmentation of seed {lmeta['seed']}, not {cfg.seed}")
+        for key, want in (("cutmix_alpha", cfg.cutmix_alpha), ("factor", ctx.factor)):
+            if key in lmeta and float(lmeta[key]) != float(want):
+                raise ValueError(f"{label_file} replays the augmentation of {key} {lmeta[key]}, but this student "
+                                 f"uses {want}: relabel with the same settings")
         mix_batch = cfg.resolved_mix_batch(len(sp.classes))
         if int(lmeta.get("mix_batch", 0)) != mix_batch:
             raise ValueError(f"{label_file} replays CutMix {_mixing(int(lmeta.get('mix_batch', 0)))}, but this "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from nrrdd import pipeline
 from nrrdd.config import RunConfig
+from nrrdd.io import file_sha256
 
 # round -> [(trial name, method, label mode, overrides)]; the first trial of each label mode is the control.
 ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
@@ -39,7 +40,7 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         ("crop>=14px", "nrrdd", "online", {"crop_min_side": 14}),
         ("crop>=20px", "nrrdd", "online", {"crop_min_side": 20}),
         ("crop>=24px", "nrrdd", "online", {"crop_min_side": 24}),
-        ("whole image", "nrrdd", "online", {"whole_image": True}),
+        ("whole image", "nrrdd", "online", {"whole_image": True}),    # CIDD then keeps whole images only
     ],
     "rule": [             # what "low confidence" means
         ("default", "nrrdd", "online", {}),
@@ -73,6 +74,7 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         ("soft (stored)", "nrrdd", "soft", {}),
         ("dbr", "nrrdd", "dbr", {}),
         ("dbr alpha 4", "nrrdd", "dbr", {"alpha_dbr": 4.0}),
+        ("dbr T 4", "nrrdd", "dbr", {"dbr_temperature": 4.0}),
         ("dbr T 4, CE at T 1", "nrrdd", "dbr", {"dbr_temperature": 4.0, "dbr_sce_temperature": 1.0}),
         ("dbr T 4, CE at T 1, alpha 4", "nrrdd", "dbr", {"dbr_temperature": 4.0, "dbr_sce_temperature": 1.0,
                                                          "alpha_dbr": 4.0}),
@@ -100,16 +102,37 @@ def locked(path: Path):
             tmp.replace(path)
 
 
-def distill_key(cfg: RunConfig) -> str:
-    """A synthetic set's settings (the fields it depends on), as a short hash naming its folder."""
+def distill_key(cfg: RunConfig, teacher_sha: str) -> str:
+    """A synthetic set's settings (the fields it depends on) and teacher, as a short hash naming its folder."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in pipeline.NOT_DISTILL}
+    return _hash({**d, "teacher_sha256": teacher_sha})
+
+
+def config_key(cfg: RunConfig, teacher_sha: str) -> str:
+    """Every setting of a trial but how it runs (threads, output folder), and its teacher."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "threads", "resume", "teacher")}
+    return _hash({**d, "teacher_sha256": teacher_sha})
+
+
+def _hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def linked(folder: Path, syn: Path) -> Path:
+    """``folder`` holding links to the synthetic set of ``syn`` (what relabel and evaluate read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ("synthetic.safetensors", "config.json", "manifest_distill.json"):
+        if not (folder / f).exists():
+            (folder / f).symlink_to((syn / f).resolve())
+    return folder
 
 
 def run(args) -> None:
     base = RunConfig(dataset=args.dataset, teacher=args.teacher, epochs=args.epochs, threads=args.threads)
     if args.config:
-        base = RunConfig.load(args.config).replace(teacher=args.teacher, epochs=args.epochs, threads=args.threads)
+        base = RunConfig.load(args.config).replace(dataset=args.dataset, teacher=args.teacher, epochs=args.epochs,
+                                                   threads=args.threads)
+    teacher_sha = file_sha256(args.teacher)
     # the defaults the trials vary, as their difference from RunConfig's (a later round builds on a winner)
     plain = RunConfig().to_dict()
     skip = {"teacher", "epochs", "threads", "dataset"}
@@ -133,7 +156,7 @@ def run(args) -> None:
             for ipc in args.ipcs:
                 for seed in args.seeds:
                     cfg = base.replace(method=method, labels=labels, ipc=ipc, seed=seed, **over)
-                    key = distill_key(cfg)
+                    key = distill_key(cfg, teacher_sha)
                     if int(key, 16) % n_shards == shard:      # a set's trials stay in one process
                         todo.append((rnd, name, cfg, over, key))
     todo.sort(key=lambda t: t[4])                               # a set's trials one after the other
@@ -150,26 +173,17 @@ def run(args) -> None:
         t0 = time.perf_counter()
         if not (syn / "manifest_distill.json").exists():
             pipeline.run_distill(cfg.replace(out=str(syn), resume=True), show_progress=False, ctx=ctx)
-        label_file = None
-        if cfg.labels in ("soft", "dbr"):
-            # stored labels depend on the seed, the recipe and (dbr) the distances' temperature too
-            tag = f"{cfg.labels}_s{cfg.seed}_{cfg.recipe}" + (f"_T{cfg.dbr_temperature:g}" if cfg.labels == "dbr"
-                                                               else "")
-            label_file = syn / f"labels_{tag}.safetensors"
-            if not label_file.exists():
-                lab_dir = syn / f"labels_{tag}"
-                lab_dir.mkdir(exist_ok=True)
-                for f in ("synthetic.safetensors", "config.json", "manifest_distill.json"):
-                    if not (lab_dir / f).exists():
-                        (lab_dir / f).symlink_to((syn / f).resolve())
-                pipeline.run_relabel(cfg.replace(resume=True), lab_dir, cfg.labels, show_progress=False, ctx=ctx)
-                (lab_dir / f"labels_{cfg.labels}.safetensors").replace(label_file)
-        eval_file = syn / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
+        # every student setting gets a folder of its own beside the set (links to it): its stored labels and
+        # evaluation are never read by a trial with other settings (epochs, recipe, temperatures, ...)
+        student = linked(syn / "students" / config_key(cfg, teacher_sha), syn)
+        eval_file = student / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
         if eval_file.exists():
             r = json.loads(eval_file.read_text())
         else:
-            r = pipeline.run_evaluate(cfg.replace(resume=True), syn, cfg.labels, label_file=label_file,
-                                      show_progress=False, ctx=ctx, validation_only=True)
+            if cfg.labels in ("soft", "dbr") and not (student / f"labels_{cfg.labels}.safetensors").exists():
+                pipeline.run_relabel(cfg.replace(resume=True), student, cfg.labels, show_progress=False, ctx=ctx)
+            r = pipeline.run_evaluate(cfg.replace(resume=True), student, cfg.labels, show_progress=False, ctx=ctx,
+                                      validation_only=True)
         rec = {"round": rnd, "name": name, "method": cfg.method, "labels": cfg.labels, "ipc": cfg.ipc,
                "seed": cfg.seed, "epochs": cfg.epochs, "overrides": over, "val_top1": r["val_top1"],
                "seconds": round(time.perf_counter() - t0, 1), "set": key, "base": base_name}
