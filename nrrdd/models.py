@@ -17,6 +17,8 @@ RDED's ConvNet keeps ``layers.conv.N``, ``layers.norm.N`` and ``classifier``; Re
 """
 from __future__ import annotations
 
+import warnings
+
 import importlib
 import inspect
 import json
@@ -262,7 +264,7 @@ def load_model(name: str, path: str | Path, num_classes: int, channels: int, inp
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"teacher checkpoint {path} does not exist (train one with `nrrdd train-teacher`)")
-    sd = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    sd = read_state_dict(path)
     model = build_model(name, num_classes, channels, input_size, kwargs)
     head = [k for k, v in sd.items() if v.ndim == 2]
     if head:
@@ -272,6 +274,99 @@ def load_model(name: str, path: str | Path, num_classes: int, channels: int, inp
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit model {name!r} "
-                         f"({channels} channels, {input_size} px, {num_classes} classes): {e}") from e
+        what = _mismatch(model.state_dict(), sd)
+        # RDED's ConvNet: the classifier's width depends on the input size
+        fits = fitting_sizes(name, num_classes, channels, kwargs, sd) if name in MODELS else []
+        hint = f"; its classifier fits --input-size {' or '.join(map(str, fits))}" if fits else ""
+        raise ValueError(f"checkpoint {path} does not fit model {name!r} ({channels} channels, {input_size} px, "
+                         f"{num_classes} classes): {what}{hint}") from e
     return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's state_dict, read with ``weights_only=True``; a file that is not a readable PyTorch
+    checkpoint (text, random bytes, a truncated file, a pickle that would run code, no tensors) is a
+    ValueError naming the file and what is wrong, in one line."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():     # (the unpickler's notes on a file it then refuses; the error says it)
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"teacher checkpoint {path} cannot be read: {_refused_pickle(path)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, IndexError, OSError) as e:
+        text = " ".join(str(e).split())[:160]
+        if isinstance(e, EOFError) or "failed finding central directory" in text or "truncated" in text.lower():
+            why = f"the file is truncated or damaged ({text or type(e).__name__})"
+        else:
+            why = f"not a PyTorch checkpoint ({type(e).__name__}: {text})"
+        raise ValueError(f"teacher checkpoint {path} cannot be read: {why}") from None
+    try:
+        return extract_state_dict(obj)
+    except ValueError as e:
+        raise ValueError(f"teacher checkpoint {path}: {e}") from None
+
+
+def _refused_pickle(path: Path) -> str:
+    """Why ``weights_only`` loading refused ``path``: not a pickle at all, or a pickle that names Python objects
+    (functions, classes) other than tensors, which unpickling would call."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blob = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            blob = path.read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(blob):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:           # not a pickle (or a damaged one): what torch.load would read is not there
+        return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    foreign = [n for n in names if not n.startswith(("torch.", "collections.", "_codecs.", "builtins.set"))]
+    what = f" ({', '.join(dict.fromkeys(foreign))})" if foreign else ""
+    return f"it holds Python objects other than tensors{what}, which loading would have to run as code " \
+           "(refused: weights_only=True)"
+
+
+def _mismatch(want: dict, got: dict) -> str:
+    """What differs between a model's state_dict (``want``) and a checkpoint's (``got``), in a few words."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    shapes = [f"{k} is {tuple(got[k].shape)}, the model's {tuple(v.shape)}" for k, v in want.items()
+              if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s) (first: {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) of another shape (first: {shapes[0]})")
+    return "; ".join(parts) or "the tensors differ"
+
+
+SIZES = (28, 32, 64, 96, 112, 128, 160, 192, 224, 256, 299)
+
+
+def fitting_sizes(name: str, num_classes: int, channels: int, kwargs, sd: dict) -> list[int]:
+    """The common input sizes (:data:`SIZES`) at which model ``name`` has exactly the tensor shapes of ``sd`` (for
+    RDED's ConvNet the classifier's width depends on the input size)."""
+    fits = []
+    for size in SIZES:
+        try:
+            shapes = {k: tuple(v.shape) for k, v in build_model(name, num_classes, channels, size, kwargs)
+                      .state_dict().items()}
+        except Exception:           # a size the architecture cannot take
+            continue
+        if shapes == {k: tuple(v.shape) for k, v in sd.items()}:
+            fits.append(size)
+    return fits
