@@ -38,7 +38,7 @@ from benchmarks.common import PeakMemory, Recorder, quantiles
 
 # ---- one provider, in its own process --------------------------------------------------------------
 def run_provider(args) -> dict:
-    from nrrdd.data import FolderImageSet, Normalizer
+    from nrrdd.data import FolderImageSet, Normalizer, eval_resize
     from nrrdd.discover import candidate_boxes
     from nrrdd.loaders import PatchSource, image_batches
 
@@ -56,7 +56,7 @@ def run_provider(args) -> dict:
                                boxes=lambda i: candidate_boxes(0, i, args.num_crop, args.size, (0.08, 1.0)),
                                batch_size=args.batch_size, workers=args.workers, device=device)
     else:
-        data = FolderImageSet(args.folder, args.size, resize=args.size * 8 // 7)
+        data = FolderImageSet(args.folder, args.size, resize=eval_resize(args.size))
 
         def make():
             return image_batches(data, norm, loader=loader, batch_size=args.batch_size, workers=args.workers,

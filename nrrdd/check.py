@@ -57,7 +57,8 @@ def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
         return out
     sp = ctx.splits
     add("ok", "dataset", f"{cfg.dataset}: {len(sp.classes)} classes, {len(sp.train)} training, {len(sp.val)} "
-                         f"validation and {len(sp.test)} test images, {sp.channels}x{sp.size}x{sp.size}")
+                         f"validation and {len(sp.test)} test images, {sp.channels}x{sp.size}x{sp.size}"
+                         + (f" (input size {sp.size_rule})" if sp.size_rule else ""))
 
     # 2. files
     base, base_idx = sp.train.locate(torch.arange(len(sp.train)))

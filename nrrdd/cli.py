@@ -14,6 +14,7 @@ import os
 import sys
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from .config import RunConfig
 
@@ -60,6 +61,13 @@ HELP = {
     "dbr_sce_temperature": "temperature of DBR's CutMix cross-entropy term; None: --dbr-temperature (one "
                            "temperature, fused kernel)",
     "teacher_weight_decay": "train-teacher: SGD weight decay (not on biases and BatchNorm)",
+    "dataset": "fashion-mnist | mnist | cifar10 | cifar100 | imagefolder, or RDED's --subset names (cifar10, "
+               "cifar100, tinyimagenet, imagenet-10, imagenet-nette, imagenet-woof, imagenet-100, imagenet-1k: "
+               "./data/<subset>/train and /val, RDED's sizes, teacher ./data/pretrain_models/<subset>_<arch>.pth, "
+               "output ./exp/<RDED's experiment name>; see nrrdd/rded.py)",
+    "input_size": "None: the dataset's own (image folders: read from the files' headers, the rule in the manifest)",
+    "test_per_class": "evaluate on the first this-many test images of each class (0: all; RDED's val_ipc for its "
+                      "subsets)",
 }
 
 # Fields whose values are one of a few words: checked when the flags are parsed.
@@ -178,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ns = parser.parse_args(argv)
     cfg = build_config(ns)
+    args = sys.argv[1:] if argv is None else argv
+    if any(a == "--subset" or a.startswith("--subset=") for a in args):     # started the RDED way: its sizes,
+        from .rded import apply_subset                                    # teacher, batch, lr, output folder
+
+        given = _explicit(ns) | (set(json.loads(open(ns.config).read())) if getattr(ns, "config", None) else set())
+        cfg = apply_subset(cfg, given, set_out=ns.command in ("run", "distill", "relabel", "evaluate"))
     from .dist import env_world
 
     if env_world() > 1 and ns.command in ("compare", "demo", "train-teacher", "check", "convert-fkd"):
@@ -206,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             _print(pipeline.run_train_teacher(cfg))
         elif ns.command == "distill":
             _print(pipeline.run_distill(cfg))
+            _rded_link(cfg)
         elif ns.command == "relabel":
             mode = cfg.labels if cfg.labels in ("dbr", "soft") else "dbr"
             _print(pipeline.run_relabel(cfg, ns.syn or cfg.out, mode))
@@ -214,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "run":
             ctx = pipeline.make_context(cfg)
             res = {"distill": pipeline.run_distill(cfg, ctx=ctx)}
+            _rded_link(cfg)
             if cfg.labels in ("dbr", "soft"):
                 res["relabel"] = pipeline.run_relabel(cfg, cfg.out, cfg.labels, ctx=ctx)
             res["evaluate"] = pipeline.run_evaluate(cfg, cfg.out, cfg.labels, ctx=ctx)
@@ -256,6 +272,15 @@ def _compare(cfg: RunConfig, ns: argparse.Namespace) -> None:
     print(res.markdown, end="")
     print(f"\nresults {res.results}, table {res.results.with_suffix('.md')}"
           + (f", image sheet {res.sheet}" if res.sheet else ""))
+
+
+def _rded_link(cfg: RunConfig) -> None:
+    from .dist import env_world
+    from .rded import SUBSETS, link_syn_data
+
+    if cfg.dataset in SUBSETS and Path(cfg.out).parts[:1] == ("exp",) and \
+            (env_world() <= 1 or int(os.environ.get("RANK", "0")) == 0):
+        link_syn_data(cfg.out)
 
 
 def _explicit(ns: argparse.Namespace) -> set[str]:

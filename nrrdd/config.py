@@ -18,12 +18,13 @@ CPU_COMPILE_MIN_SAMPLES = 100_000   # see RunConfig.resolved_compile
 @dataclass
 class RunConfig:
     # --- data -----------------------------------------------------------------------------------
-    dataset: str = "fashion-mnist"      # fashion-mnist | mnist | cifar10 | cifar100 | imagefolder
+    dataset: str = "fashion-mnist"      # fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | RDED's subsets
     data_root: str | None = None        # where the dataset lives (default: the named dataset's usual place)
     test_root: str | None = None        # imagefolder only: folder of the test/val split
     val_per_class: int = 500            # held out of the training split for tuning (never the test set)
     train_limit: int = 0                # >0: use only this many training images (seeded), for quick runs
     test_limit: int = 0                 # >0: evaluate on the first this-many test images only (quick runs)
+    test_per_class: int = 0             # >0: evaluate on the first this-many test images of each class (RDED's val_ipc)
     input_size: int | None = None       # None: the dataset's native size
     seed: int = 0
 

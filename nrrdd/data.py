@@ -267,6 +267,12 @@ def describe_class_mismatch(expected: list[str], found: list[str]) -> str:
             f"{'...' if len(extra) > 5 else ''} ({len(found)} found, {len(expected)} expected)")
 
 
+def eval_resize(size: int) -> int:
+    """The short side test images are resized to before their centre ``size`` crop: RDED's ``size // 7 * 8``
+    (224 -> 256; 32 -> 32 and 28 -> 32 -> no zoom on small images, where ``size * 8 // 7`` would zoom 12.5%)."""
+    return size // 7 * 8
+
+
 def center_geometry(h: int, w: int, resize: int, size: int) -> tuple[int, int, int, int]:
     """Short side to ``resize``, then a centred ``size`` square: (new_h, new_w, top, left)."""
     s = resize / min(h, w)
@@ -356,6 +362,7 @@ class Splits:
     classes: list[str]
     channels: int
     size: int
+    size_rule: str = ""    # how the input size was taken from the image files (image folders without --input-size)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -368,11 +375,49 @@ def native_size(name: str) -> int:
     return {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}.get(name, 224)
 
 
+def input_size_from_files(data: "FolderImageSet", per_class: int = 4) -> tuple[int, str]:
+    """An image folder's input size, read from the headers of up to ``per_class`` files of each class: their side
+    when every one read is square and of one size; otherwise the median of their short sides (each image's short
+    side is then resized to it and the centre square cut). Returns (size, the rule as a sentence)."""
+    seen: dict[int, list[int]] = {}
+    for i, (path, c) in enumerate(data.samples):
+        if len(seen.setdefault(c, [])) < per_class:
+            try:
+                seen[c].append(image_header_size(path))
+            except Exception:       # noqa: BLE001 - an unreadable file is screened later, not sized
+                continue
+    shapes = [hw for v in seen.values() for hw in v]
+    if not shapes:
+        raise DatasetLayoutError(f"no image of {data.root} could be read to take the input size from: "
+                                 "pass --input-size")
+    if len(set(shapes)) == 1 and shapes[0][0] == shapes[0][1]:
+        return shapes[0][0], f"from the files: all {len(shapes)} read are {shapes[0][0]} px squares"
+    short = sorted(min(h, w) for h, w in shapes)
+    size = short[len(short) // 2]
+    return size, (f"from the files: mixed sizes among the {len(shapes)} read (short sides {short[0]}..{short[-1]} "
+                  f"px): the median short side, {size} px; every image's short side is resized to {size} and its "
+                  "centre square cut")
+
+
 def load_splits(name: str, data_root: str | None = None, *, input_size: int | None = None,
                 val_per_class: int = 500, test_root: str | None = None, train_limit: int = 0,
-                test_limit: int = 0) -> Splits:
-    """Load a named dataset and hold ``val_per_class`` training images per class out as validation."""
+                test_limit: int = 0, test_per_class: int = 0) -> Splits:
+    """Load a named dataset and hold ``val_per_class`` training images per class out as validation.
+
+    RDED's subset names (``nrrdd.rded.SUBSETS``) read ``./data/<name>/train`` and ``/val`` (class folders) when
+    no ``data_root`` is given; CIFAR falls back to torchvision's python archive under ``./data``."""
+    from .rded import IMAGENET_STATS, SUBSETS, folder
+
+    stats = STATS.get(name)
+    if name in SUBSETS and not data_root and (folder(name, "train").is_dir() or name not in ("cifar10", "cifar100")):
+        if not folder(name, "train").is_dir():
+            raise DatasetNotFound(f"{name}: RDED's layout expects {folder(name, 'train')}/<class>/<image> and "
+                                  f"{folder(name, 'val')}/<class>/<image> (class folders 00000, 00001, ...), or pass "
+                                  "--dataset imagefolder --data-root TRAIN --test-root VAL")
+        data_root, test_root = str(folder(name, "train")), test_root or str(folder(name, "val"))
+        name, stats = "imagefolder", IMAGENET_STATS
     size = input_size or native_size(name)
+    size_rule = ""
     if name == "fashion-mnist":
         root = Path(data_root or "/usr/share/datasets/fashion-mnist")
         train, test = _idx_dataset(root, FASHION_CLASSES,
@@ -391,9 +436,12 @@ def load_splits(name: str, data_root: str | None = None, *, input_size: int | No
         if not data_root:
             raise DatasetNotFound("--dataset imagefolder needs --data-root (a folder of class folders)")
         train = FolderImageSet(data_root, size, resize=size)
+        if not input_size:
+            size, size_rule = input_size_from_files(train)
+            train.size = train.resize = size
         if not test_root:
             raise DatasetNotFound("--dataset imagefolder needs --test-root (the validation/test image folder)")
-        test = FolderImageSet(test_root, size, resize=size * 8 // 7, classes=train.classes)
+        test = FolderImageSet(test_root, size, resize=eval_resize(size), classes=train.classes)
     else:
         raise ValueError(f"unknown dataset {name!r}: choose fashion-mnist, mnist, cifar10, cifar100, imagefolder")
     if isinstance(train, TensorImageSet):
@@ -403,11 +451,15 @@ def load_splits(name: str, data_root: str | None = None, *, input_size: int | No
     if train_limit > 0:
         keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(SPLIT_SEED + 1))[:train_limit]
         train_idx = torch.sort(train_idx[keep]).values
+    if test_per_class > 0:          # the first images of each class, in file order (RDED's val_ipc)
+        keep = torch.cat([torch.nonzero(test.labels == c).flatten()[:test_per_class]
+                          for c in range(len(test.classes))])
+        test = test.subset(torch.sort(keep).values)
     if test_limit > 0:
         test = test.subset(torch.arange(min(test_limit, len(test))))
-    mean, std = STATS[name]
+    mean, std = stats or STATS[name]
     return Splits(name, train.subset(train_idx), train.subset(val_idx), test, Normalizer(mean, std),
-                  list(train.classes), train.channels, size)
+                  list(train.classes), train.channels, size, size_rule)
 
 
 def split_validation(labels: torch.Tensor, val_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,7 +64,7 @@ _SPLITS_CACHE: dict[tuple, Splits] = {}
 
 def _data_key(cfg: RunConfig) -> tuple:
     return (cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, cfg.test_root, cfg.train_limit,
-            cfg.test_limit)
+            cfg.test_limit, cfg.test_per_class)
 
 
 def make_context(cfg: RunConfig, like: Context | None = None) -> Context:
@@ -79,7 +79,8 @@ def make_context(cfg: RunConfig, like: Context | None = None) -> Context:
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE[key] = load_splits(cfg.dataset, cfg.data_root, input_size=cfg.input_size,
                                          val_per_class=cfg.val_per_class, test_root=cfg.test_root,
-                                         train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+                                         train_limit=cfg.train_limit, test_limit=cfg.test_limit,
+                                         test_per_class=cfg.test_per_class)
     return Context(cfg, device, resolve_precision(cfg.precision, device), _SPLITS_CACHE[key], dist=dist)
 
 
@@ -87,6 +88,8 @@ def _provenance(ctx: Context) -> dict:
     """What every manifest records besides the config: dataset fingerprint and teacher file hash."""
     facts = {"dataset_fingerprint": ctx.splits.fingerprint(), "device": str(ctx.device), "precision": ctx.precision,
              "processes": ctx.dist.world}
+    if ctx.splits.size_rule:
+        facts["input_size_rule"] = ctx.splits.size_rule
     if ctx.cfg.teacher and Path(ctx.cfg.teacher).exists():
         facts["teacher_sha256"] = file_sha256(ctx.cfg.teacher)
     return facts
@@ -105,7 +108,7 @@ _RUNTIME_FIELDS = {"resume", "threads", "loader_workers", "out", "checkpoint_eve
 NOT_DISTILL = {"labels", "epochs", "batch_size", "lr", "weight_decay", "temperature", "cutmix_alpha", "alpha_dbr",
                "dbr_distance", "dbr_temperature", "dbr_sce_temperature", "recipe", "eval_batch_size", "student",
                "student_kwargs", "sync_bn", "teacher", "teacher_epochs", "teacher_lr", "teacher_batch_size",
-               "teacher_weight_decay", "test_root", "test_limit", "device",
+               "teacher_weight_decay", "test_root", "test_limit", "test_per_class", "device",
                "precision", "threads", "out"} | _RUNTIME_FIELDS
 
 

@@ -92,3 +92,13 @@ def test_a_synthetic_set_with_nan_is_refused_naming_the_images(tmp_path):
     atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})
     with pytest.raises(ValueError, match=r"3 synthetic image\(s\) hold NaN/inf \(images \[3, 260, 599\], classes \[1, 3, 4\]"):
         read_synthetic(tmp_path)
+
+
+def test_evaluation_resize_is_rdeds_formula():
+    # RDED's validation: transforms.Resize(input_size // 7 * 8) then CenterCrop(input_size)
+    from nrrdd.data import center_geometry, eval_resize
+
+    assert [eval_resize(s) for s in (28, 32, 64, 128, 224)] == [32, 32, 72, 144, 256]
+    assert center_geometry(32, 32, eval_resize(32), 32) == (32, 32, 0, 0)        # 32 px files: no zoom
+    assert center_geometry(64, 64, eval_resize(64), 64) == (72, 72, 4, 4)
+    assert center_geometry(500, 375, eval_resize(224), 224) == (341, 256, 58, 16)

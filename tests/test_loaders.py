@@ -21,7 +21,7 @@ import torch
 from imagefolders import FMNIST, bad_input_folder, fmnist_png_folder, imagenet_folder, imagenet_jpegs, needs_fmnist
 
 from nrrdd.cli import main
-from nrrdd.data import DatasetLayoutError, FolderImageSet, Normalizer
+from nrrdd.data import DatasetLayoutError, FolderImageSet, Normalizer, eval_resize
 from nrrdd.discover import candidate_boxes
 from nrrdd.loaders import PatchSource, dali_available, image_batches
 
@@ -161,7 +161,7 @@ def test_validation_source_resizes_by_8_7_and_centre_crops(imagenet, backend):
 
     from nrrdd.data import decode_rgb
 
-    data = FolderImageSet(imagenet, 56, resize=56 * 8 // 7)
+    data = FolderImageSet(imagenet, 56, resize=eval_resize(56))
     got = read_all(image_batches(data, IMAGENET_NORM, loader=backend, batch_size=7, workers=1))
     assert got["image"].shape == (20, 3, 56, 56) and torch.equal(got["index"], torch.arange(20))
     x = decode_rgb(data.samples[3][0]).float()[None] / 255           # 512 x 512 -> 64 x 64 -> centre 56
