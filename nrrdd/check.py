@@ -10,7 +10,8 @@ Checks, in order (a failed check that later ones depend on stops the list):
 4. the teacher: checkpoint loads with ``weights_only``, class count, class order and architecture against
    its ``teacher.json``;
 5. the teacher's top-1 on a validation subset: near chance means a wrong checkpoint, wrong class order or
-   wrong normalisation;
+   wrong normalisation; more than ``TOP1_GAP`` points below the test top-1 its teacher.json records is a
+   warning naming normalisation (``--mean``/``--std``) and resizing as likely causes;
 6. the output folder: an existing synthetic set there would be refused, not overwritten;
 7. resources: the host memory distillation's process 0 needs at its peak (the synthetic set and its masks,
    plus the allocator's slack, as ``bench_stages``' ``set_memory`` measured it) against what the machine
@@ -23,6 +24,7 @@ caveat). ``nrrdd check`` prints them and exits 1 when there is an error.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,14 @@ def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
                                              f"({chance:.1f}%): wrong checkpoint, class order or normalisation?")
         else:
             add("ok", "teacher accuracy", f"top-1 {acc:.1f}% on {n} validation images (chance {chance:.1f}%)")
+            recorded = _recorded_top1(cfg.teacher)
+            if recorded is not None and acc < recorded - TOP1_GAP:
+                add("warning", "teacher accuracy",
+                    f"top-1 {acc:.1f}% here, {recorded:.1f}% recorded in its teacher.json: the images may be "
+                    f"normalised otherwise than the teacher was trained with (now mean "
+                    f"{[round(v, 4) for v in sp.normalizer.mean.flatten().tolist()]}, std "
+                    f"{[round(v, 4) for v in sp.normalizer.std.flatten().tolist()]}; set --mean/--std), or "
+                    "resized otherwise (--input-size)")
 
     # 6. output folder
     if (Path(cfg.out) / "synthetic.safetensors").exists():
@@ -199,6 +209,19 @@ def resource_findings(cfg: RunConfig, *, n_images: int, channels: int, size: int
                             f"{device} ({_gb(images)}; {_gb(free_dev)} free there, the set goes whole when it "
                             f"takes at most {RESIDENT_FRACTION:.0%}; --set-on-device decides)"))
     return found
+
+
+TOP1_GAP = 10.0      # points below the teacher's recorded test top-1 that `check` warns about
+
+
+def _recorded_top1(teacher: str | None) -> float | None:
+    from .pipeline import teacher_meta_path
+
+    meta = teacher_meta_path(teacher) if teacher else None
+    if meta is None or not meta.exists():
+        return None
+    value = json.loads(meta.read_text()).get("test_top1")
+    return float(value) if value is not None else None
 
 
 def format_findings(findings: list[Finding]) -> str:

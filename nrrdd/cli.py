@@ -65,6 +65,9 @@ HELP = {
                "cifar100, tinyimagenet, imagenet-10, imagenet-nette, imagenet-woof, imagenet-100, imagenet-1k: "
                "./data/<subset>/train and /val, RDED's sizes, teacher ./data/pretrain_models/<subset>_<arch>.pth, "
                "output ./exp/<RDED's experiment name>; see nrrdd/rded.py)",
+    "mean": "normalisation means, per channel: 0.485,0.456,0.406, or a preset (imagenet, cifar10, cifar100, mnist, "
+            "fashion-mnist); None: the dataset's (ImageNet's for image folders). Use the teacher's training values",
+    "std": "normalisation stds, per channel, or a preset; None: the preset named by --mean, else the dataset's",
     "input_size": "None: the dataset's own (image folders: read from the files' headers, the rule in the manifest)",
     "test_per_class": "evaluate on the first this-many test images of each class (0: all; RDED's val_ipc for its "
                       "subsets)",

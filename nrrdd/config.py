@@ -26,6 +26,8 @@ class RunConfig:
     test_limit: int = 0                 # >0: evaluate on the first this-many test images only (quick runs)
     test_per_class: int = 0             # >0: evaluate on the first this-many test images of each class (RDED's val_ipc)
     input_size: int | None = None       # None: the dataset's native size
+    mean: str | None = None             # normalisation: per-channel means "0.5,0.5,0.5" or a preset; None: the data's
+    std: str | None = None              # per-channel stds, or a preset; None: the preset named by mean, else the data's
     seed: int = 0
 
     # --- models -----------------------------------------------------------------------------------

@@ -34,6 +34,32 @@ STATS = {
 }
 
 
+PRESETS = {"imagenet": STATS["imagefolder"], **{k: v for k, v in STATS.items() if k != "imagefolder"}}
+
+
+def normalisation(mean: str | None, std: str | None, default: tuple) -> tuple[tuple, tuple, str]:
+    """The (mean, std) of ``--mean``/``--std``: each a preset name (:data:`PRESETS`) or comma-separated values;
+    None: ``std`` from the preset ``mean`` names, both from ``default`` when neither is given. Also says where
+    they came from, for the manifest."""
+    def parse(v: str, which: int, flag: str) -> tuple:
+        if v in PRESETS:
+            return PRESETS[v][which]
+        try:
+            return tuple(float(x) for x in v.split(","))
+        except ValueError:
+            raise ValueError(f"--{flag} {v!r}: give comma-separated numbers (0.485,0.456,0.406) or a preset "
+                             f"({', '.join(PRESETS)})") from None
+
+    if mean is None and std is None:
+        return default[0], default[1], "the dataset's"
+    m = parse(mean, 0, "mean") if mean is not None else default[0]
+    sd = parse(std, 1, "std") if std is not None else PRESETS[mean][1] if mean in PRESETS else default[1]
+    if len(m) != len(sd) or any(v <= 0 for v in sd):
+        raise ValueError(f"normalisation: {len(m)} mean(s) {m} and {len(sd)} std(s) {sd}: one of each per channel, "
+                         "stds > 0")
+    return m, sd, f"--mean {mean} --std {std}"
+
+
 class DatasetNotFound(FileNotFoundError):
     pass
 
@@ -401,7 +427,8 @@ def input_size_from_files(data: "FolderImageSet", per_class: int = 4) -> tuple[i
 
 def load_splits(name: str, data_root: str | None = None, *, input_size: int | None = None,
                 val_per_class: int = 500, test_root: str | None = None, train_limit: int = 0,
-                test_limit: int = 0, test_per_class: int = 0) -> Splits:
+                test_limit: int = 0, test_per_class: int = 0, mean: str | None = None,
+                std: str | None = None) -> Splits:
     """Load a named dataset and hold ``val_per_class`` training images per class out as validation.
 
     RDED's subset names (``nrrdd.rded.SUBSETS``) read ``./data/<name>/train`` and ``/val`` (class folders) when
@@ -457,7 +484,9 @@ def load_splits(name: str, data_root: str | None = None, *, input_size: int | No
         test = test.subset(torch.sort(keep).values)
     if test_limit > 0:
         test = test.subset(torch.arange(min(test_limit, len(test))))
-    mean, std = stats or STATS[name]
+    mean, std, _ = normalisation(mean, std, stats or STATS[name])
+    if len(mean) not in (1, train.channels):
+        raise ValueError(f"normalisation has {len(mean)} values per statistic, the images {train.channels} channels")
     return Splits(name, train.subset(train_idx), train.subset(val_idx), test, Normalizer(mean, std),
                   list(train.classes), train.channels, size, size_rule)
 

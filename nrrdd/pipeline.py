@@ -64,7 +64,7 @@ _SPLITS_CACHE: dict[tuple, Splits] = {}
 
 def _data_key(cfg: RunConfig) -> tuple:
     return (cfg.dataset, cfg.data_root, cfg.input_size, cfg.val_per_class, cfg.test_root, cfg.train_limit,
-            cfg.test_limit, cfg.test_per_class)
+            cfg.test_limit, cfg.test_per_class, cfg.mean, cfg.std)
 
 
 def make_context(cfg: RunConfig, like: Context | None = None) -> Context:
@@ -80,7 +80,7 @@ def make_context(cfg: RunConfig, like: Context | None = None) -> Context:
         _SPLITS_CACHE[key] = load_splits(cfg.dataset, cfg.data_root, input_size=cfg.input_size,
                                          val_per_class=cfg.val_per_class, test_root=cfg.test_root,
                                          train_limit=cfg.train_limit, test_limit=cfg.test_limit,
-                                         test_per_class=cfg.test_per_class)
+                                         test_per_class=cfg.test_per_class, mean=cfg.mean, std=cfg.std)
     return Context(cfg, device, resolve_precision(cfg.precision, device), _SPLITS_CACHE[key], dist=dist)
 
 
@@ -90,6 +90,8 @@ def _provenance(ctx: Context) -> dict:
              "processes": ctx.dist.world}
     if ctx.splits.size_rule:
         facts["input_size_rule"] = ctx.splits.size_rule
+    facts["normalisation"] = {"mean": ctx.splits.normalizer.mean.flatten().tolist(),
+                              "std": ctx.splits.normalizer.std.flatten().tolist()}
     if ctx.cfg.teacher and Path(ctx.cfg.teacher).exists():
         facts["teacher_sha256"] = file_sha256(ctx.cfg.teacher)
     return facts

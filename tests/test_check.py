@@ -114,3 +114,37 @@ def test_a_machine_too_small_is_an_error(fmnist_teacher, capsys, monkeypatch, tm
     rc, out = check(capsys, "--teacher", str(fmnist_teacher), "--out", str(tmp_path / "o"), *SMALL_FMNIST)
     assert rc == 1 and "2 error(s)" in out, out
     assert "more than this machine has (0.0 MB)" in out and "but 0.0 MB is free there" in out, out
+
+
+def test_teacher_far_below_its_recorded_accuracy_names_normalisation(fmnist_teacher, capsys, tmp_path):
+    # the same teacher, its teacher.json claiming 99.9% on the test split: what a teacher trained on other
+    # normalisation statistics (or image sizes) looks like from here, short of chance
+    teacher = tmp_path / "t" / "teacher.pt"
+    teacher.parent.mkdir()
+    shutil.copy(fmnist_teacher, teacher)
+    meta = json.loads(fmnist_teacher.with_suffix(".json").read_text())
+    teacher.with_suffix(".json").write_text(json.dumps({**meta, "test_top1": 99.9}))
+    rc, out = check(capsys, "--teacher", str(teacher), "--out", str(tmp_path / "o"), *SMALL_FMNIST)
+    assert rc == 0 and "WARNING teacher accuracy" in out and "99.9% recorded" in out and "--mean/--std" in out, out
+    rc, out = check(capsys, "--teacher", str(fmnist_teacher), "--out", str(tmp_path / "o"), *SMALL_FMNIST)
+    assert "recorded in its teacher.json" not in out
+
+
+def test_mean_and_std_flags_presets_and_manifest():
+    from nrrdd.data import normalisation
+
+    assert normalisation(None, None, ((0.1,), (0.2,)))[:2] == ((0.1,), (0.2,))
+    assert normalisation("imagenet", None, ((0.1,), (0.2,)))[:2] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalisation("0.5,0.5", "0.25,0.5", ((0.1,), (0.2,)))[:2] == ((0.5, 0.5), (0.25, 0.5))
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        normalisation("bright", None, ((0.1,), (0.2,)))
+    with pytest.raises(ValueError, match="one of each per channel"):
+        normalisation("0.5,0.5", "0.2", ((0.1,), (0.2,)))
+
+
+def test_normalisation_is_recorded_in_the_manifest(fmnist_teacher, tmp_path):
+    out = tmp_path / "o"
+    assert main(["distill", "--method", "random", "--out", str(out), *SMALL_FMNIST, "--mean", "0.5",
+                 "--std", "0.25"]) == 0
+    m = json.loads((out / "manifest_distill.json").read_text())
+    assert m["normalisation"] == {"mean": [0.5], "std": [0.25]}
