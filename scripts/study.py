@@ -159,7 +159,7 @@ def run(args) -> None:
                     key = distill_key(cfg, teacher_sha)
                     if int(key, 16) % n_shards == shard:      # a set's trials stay in one process
                         todo.append((rnd, name, cfg, over, key))
-    todo.sort(key=lambda t: t[4])                               # a set's trials one after the other
+    todo.sort(key=lambda t: args.rounds.index(t[0]))           # rounds in the order asked for
     ctx = None
     for rnd, name, cfg, over, key in todo:
         with locked(path) as box:
