@@ -5,11 +5,12 @@ and records its top-1 on the held-out validation images, for each IPC and seed a
 never evaluated here. Trials are grouped in rounds, one per open question of the method (METHOD.md, "What is
 still uncertain"); each round's trials are variations of the current defaults (``nrrdd.config.RunConfig``).
 
-    python scripts/study.py run --teacher T --ipcs 1 --seeds 0 1 2 [--rounds candidates rule] [--shard 0/2]
+    python scripts/study.py run --teacher T --ipcs 1 --seeds 0 1 2 [--rounds candidates rule] [--threads 1]
     python scripts/study.py report [--ipcs 1 10]
 
-``run`` appends to ``results/sweep_<dataset>_study.json`` (re-running skips the trials already there; several
-``--shard i/n`` processes may run at once, each with ``--threads``). ``report`` prints, per IPC, each trial's
+``run`` appends to ``results/sweep_<dataset>_study.json`` (re-running skips the trials already there). The same
+command may run in several processes at once (each with ``--threads``): each trial is claimed by one of them
+(a lock file), and a synthetic set is distilled once, the others waiting for it. ``report`` prints, per IPC, each trial's
 mean ± std over seeds, its gain over its round's control with the same label mode, and whether the gain is larger
 than twice the larger of the two seed spreads (the rule for moving a default).
 """
@@ -89,7 +90,7 @@ def results_path(dataset: str) -> Path:
 
 @contextmanager
 def locked(path: Path):
-    """Read-modify-write of the results file by several shard processes, one at a time."""
+    """Read-modify-write of the results file by several processes, one at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -100,6 +101,21 @@ def locked(path: Path):
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(box["data"], indent=1) + "\n")
             tmp.replace(path)
+
+
+@contextmanager
+def flock(path: Path, block: bool = True):
+    """An exclusive lock on ``path`` while inside; ``block=False``: yields False at once if another process has it."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def distill_key(cfg: RunConfig, teacher_sha: str) -> str:
@@ -147,7 +163,6 @@ def run(args) -> None:
                            "trials": []}
         elif Path(box["data"]["teacher"]).resolve() != Path(args.teacher).resolve():
             raise SystemExit(f"{path} holds trials of teacher {box['data']['teacher']}; move it away first")
-    shard, n_shards = (int(v) for v in args.shard.split("/"))
     todo = []
     for rnd in args.rounds:
         for name, method, labels, over in ROUNDS[rnd]:
@@ -156,41 +171,51 @@ def run(args) -> None:
             for ipc in args.ipcs:
                 for seed in args.seeds:
                     cfg = base.replace(method=method, labels=labels, ipc=ipc, seed=seed, **over)
-                    key = distill_key(cfg, teacher_sha)
-                    if int(key, 16) % n_shards == shard:      # a set's trials stay in one process
-                        todo.append((rnd, name, cfg, over, key))
-    todo.sort(key=lambda t: args.rounds.index(t[0]))           # rounds in the order asked for
+                    todo.append((rnd, name, cfg, over, distill_key(cfg, teacher_sha)))
+    out = Path(args.out)
+    (out / "claims").mkdir(parents=True, exist_ok=True)
     ctx = None
     for rnd, name, cfg, over, key in todo:
         with locked(path) as box:
             done = any((t["round"], t["name"], t["ipc"], t["seed"], t["epochs"], t.get("base", "{}"))
                        == (rnd, name, cfg.ipc, cfg.seed, cfg.epochs, base_name) for t in box["data"]["trials"])
             box["data"] = None                                  # nothing to write
-        if done:
-            continue
-        syn = Path(args.out) / f"{cfg.dataset}_ipc{cfg.ipc}_s{cfg.seed}_{cfg.method}_{key}"
-        ctx = pipeline.make_context(cfg, like=ctx)
-        t0 = time.perf_counter()
-        if not (syn / "manifest_distill.json").exists():
-            pipeline.run_distill(cfg.replace(out=str(syn), resume=True), show_progress=False, ctx=ctx)
-        # every student setting gets a folder of its own beside the set (links to it): its stored labels and
-        # evaluation are never read by a trial with other settings (epochs, recipe, temperatures, ...)
-        student = linked(syn / "students" / config_key(cfg, teacher_sha), syn)
-        eval_file = student / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
-        if eval_file.exists():
-            r = json.loads(eval_file.read_text())
-        else:
-            if cfg.labels in ("soft", "dbr") and not (student / f"labels_{cfg.labels}.safetensors").exists():
-                pipeline.run_relabel(cfg.replace(resume=True), student, cfg.labels, show_progress=False, ctx=ctx)
-            r = pipeline.run_evaluate(cfg.replace(resume=True), student, cfg.labels, show_progress=False, ctx=ctx,
-                                      validation_only=True)
-        rec = {"round": rnd, "name": name, "method": cfg.method, "labels": cfg.labels, "ipc": cfg.ipc,
-               "seed": cfg.seed, "epochs": cfg.epochs, "overrides": over, "val_top1": r["val_top1"],
-               "seconds": round(time.perf_counter() - t0, 1), "set": key, "base": base_name}
-        with locked(path) as box:
-            box["data"]["trials"].append(rec)
-        print(f"[{rnd}] {name:<28} ipc {cfg.ipc:<3} seed {cfg.seed} {cfg.labels:<6} val {r['val_top1']:.2f}% "
-              f"({rec['seconds']:.0f} s)", flush=True)
+        claim = out / "claims" / f"{_hash([rnd, name, cfg.ipc, cfg.seed, cfg.epochs, base_name])}.lock"
+        with flock(claim, block=False) as mine:                 # another process has it: on to the next
+            if done or not mine:
+                continue
+            syn = out / f"{cfg.dataset}_ipc{cfg.ipc}_s{cfg.seed}_{cfg.method}_{key}"
+            ctx = pipeline.make_context(cfg, like=ctx)
+            t0 = time.perf_counter()
+            syn.mkdir(parents=True, exist_ok=True)
+            with flock(syn / ".lock"):                          # one process distils a set; the others wait
+                if not (syn / "manifest_distill.json").exists():
+                    pipeline.run_distill(cfg.replace(out=str(syn), resume=True), show_progress=False, ctx=ctx)
+            # every student setting gets a folder of its own beside the set (links to it): its stored labels and
+            # evaluation are never read by a trial with other settings (epochs, recipe, temperatures, ...)
+            student = linked(syn / "students" / config_key(cfg, teacher_sha), syn)
+            with flock(student / ".lock"):
+                eval_file = student / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
+                if eval_file.exists():
+                    r = json.loads(eval_file.read_text())
+                else:
+                    if cfg.labels in ("soft", "dbr") and not (student / f"labels_{cfg.labels}.safetensors").exists():
+                        pipeline.run_relabel(cfg.replace(resume=True), student, cfg.labels, show_progress=False,
+                                             ctx=ctx)
+                    r = pipeline.run_evaluate(cfg.replace(resume=True), student, cfg.labels, show_progress=False,
+                                              ctx=ctx, validation_only=True)
+            record(path, rnd, name, cfg, over, r, time.perf_counter() - t0, key, base_name)
+
+
+def record(path: Path, rnd: str, name: str, cfg: RunConfig, over: dict, r: dict, seconds: float, key: str,
+           base_name: str) -> None:
+    rec = {"round": rnd, "name": name, "method": cfg.method, "labels": cfg.labels, "ipc": cfg.ipc,
+           "seed": cfg.seed, "epochs": cfg.epochs, "overrides": over, "val_top1": r["val_top1"],
+           "seconds": round(seconds, 1), "set": key, "base": base_name}
+    with locked(path) as box:
+        box["data"]["trials"].append(rec)
+    print(f"[{rnd}] {name:<28} ipc {cfg.ipc:<3} seed {cfg.seed} {cfg.labels:<6} val {r['val_top1']:.2f}% "
+          f"({rec['seconds']:.0f} s)", flush=True)
 
 
 def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
@@ -248,7 +273,6 @@ def main() -> None:
     p.add_argument("--rounds", nargs="+", default=list(ROUNDS), choices=list(ROUNDS))
     p.add_argument("--trials", nargs="*", help="only the trials of these names (default: every trial of the rounds)")
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n parts (one process each)")
     p.add_argument("--threads", type=int, default=0)
     p = sub.add_parser("report")
     p.add_argument("--dataset", default="fashion-mnist")
