@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             _print(pipeline.run_distill(cfg))
             _rded_link(cfg)
         elif ns.command == "relabel":
-            mode = cfg.labels if cfg.labels in ("dbr", "soft") else "dbr"
+            if "labels" in _explicit(ns) and cfg.labels not in ("dbr", "soft"):
+                raise ValueError(f"relabel stores dbr or soft labels; --labels {cfg.labels} needs none (train with "
+                                 f"`nrrdd evaluate --labels {cfg.labels}`)")
+            mode = cfg.labels if cfg.labels in ("dbr", "soft") else "dbr"      # no --labels: DBR, the method's
             _print(pipeline.run_relabel(cfg, ns.syn or cfg.out, mode))
         elif ns.command == "evaluate":
             _print(pipeline.run_evaluate(cfg, ns.syn or cfg.out, cfg.labels, ns.label_file))

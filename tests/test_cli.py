@@ -49,3 +49,12 @@ def test_missing_teacher_is_a_clear_cli_error(tmp_path, capsys):
     rc = main(["distill", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("labels", ["hard", "online"])
+def test_relabel_refuses_label_modes_it_does_not_store(labels, tmp_path, capsys):
+    rc = main(["relabel", "--labels", labels, "--syn", str(tmp_path), "--teacher", str(tmp_path / "t.pt")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"relabel stores dbr or soft labels; --labels {labels} needs none" in err
+    assert not any(tmp_path.iterdir())                                  # nothing written
