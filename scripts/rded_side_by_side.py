@@ -8,7 +8,7 @@ saved where RDED's code looks for it, as ``{"model": state_dict}``.
     python scripts/rded_side_by_side.py prepare WORK [--train-per-class 2000] [--teacher-epochs 5]
     python scripts/rded_side_by_side.py rded WORK --code RDED_CHECKOUT [--seeds 0 1 2]
     python scripts/rded_side_by_side.py nrrdd WORK [--seeds 0 1 2] [--recipe rded]
-    python scripts/rded_side_by_side.py report WORK
+    python scripts/rded_side_by_side.py report WORK        # or: report results/rded_side_by_side.json
 
 ``prepare`` writes ``WORK/data/cifar10/{train,val}/<class>/<n>.png`` (train: the first ``--train-per-class``
 training images of each class; val: the whole test split, 1000 per class, RDED's ``val_ipc`` for cifar10) and
@@ -166,7 +166,8 @@ def run_nrrdd(args) -> None:
 
 
 def report(args) -> None:
-    data = json.loads((Path(args.work) / "side_by_side.json").read_text())
+    path = Path(args.work)
+    data = json.loads((path if path.is_file() else path / "side_by_side.json").read_text())
     codes = list(dict.fromkeys(r["code"] for r in data["runs"]))
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
     print(f"setting: {data['setting']}\n")
@@ -199,7 +200,7 @@ def main() -> None:
     p.add_argument("--recipe", default="rded", choices=["rded", "nrrdd"])
     p.add_argument("--threads", type=int, default=0)
     p = sub.add_parser("report")
-    p.add_argument("work")
+    p.add_argument("work", help="WORK, or a copy of its side_by_side.json (results/rded_side_by_side.json)")
     args = ap.parse_args()
     {"prepare": prepare, "rded": run_rded, "nrrdd": run_nrrdd, "report": report}[args.cmd](args)
 
