@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from . import pipeline
+    from .relabel import STORED
 
     try:
         if ns.command == "show-config":
@@ -225,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             _print(pipeline.run_distill(cfg))
             _rded_link(cfg)
         elif ns.command == "relabel":
-            if "labels" in _explicit(ns) and cfg.labels not in ("dbr", "soft"):
+            if "labels" in _explicit(ns) and cfg.labels not in STORED:
                 raise ValueError(f"relabel stores dbr or soft labels; --labels {cfg.labels} needs none (train with "
                                  f"`nrrdd evaluate --labels {cfg.labels}`)")
-            mode = cfg.labels if cfg.labels in ("dbr", "soft") else "dbr"      # no --labels: DBR, the method's
+            mode = cfg.labels if cfg.labels in STORED else "dbr"      # no --labels: DBR, the method's
             _print(pipeline.run_relabel(cfg, ns.syn or cfg.out, mode))
         elif ns.command == "evaluate":
             _print(pipeline.run_evaluate(cfg, ns.syn or cfg.out, cfg.labels, ns.label_file))
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx = pipeline.make_context(cfg)
             res = {"distill": pipeline.run_distill(cfg, ctx=ctx)}
             _rded_link(cfg)
-            if cfg.labels in ("dbr", "soft"):
+            if cfg.labels in STORED:
                 res["relabel"] = pipeline.run_relabel(cfg, cfg.out, cfg.labels, ctx=ctx)
             res["evaluate"] = pipeline.run_evaluate(cfg, cfg.out, cfg.labels, ctx=ctx)
             _print(res)

@@ -25,10 +25,10 @@ from typing import Callable
 from . import pipeline, sheets
 from .config import RunConfig
 from .io import atomic_write_json, atomic_write_text, file_sha256
+from .relabel import STORED                # label modes read from a `relabel` file
 
 DEFAULT_ROWS = ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr", "nrrdd:hard"]
 LABEL_MODES = ("online", "soft", "dbr", "hard")
-STORED = ("dbr", "soft")            # label modes read from a `relabel` file
 
 # Settings that leave a synthetic set unchanged: a set on disk distilled under other values is still reused.
 # (The teacher is compared by its hash in the distill manifest, not by its path.)

@@ -20,6 +20,8 @@ from .feed import SetFeed
 from .io import ChunkStore, atomic_concat_safetensors, atomic_save_safetensors, load_safetensors
 from .runtime import autocast, progress
 
+STORED = ("dbr", "soft")                # the label modes relabel writes (and evaluate reads from its files)
+
 
 @torch.no_grad()
 def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int, seed: int,
@@ -40,7 +42,7 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     returns the labels), the other ranks return None.
     ``set_on_device``: copy the whole set to the device (None: when it fits, :func:`nrrdd.feed.set_on_device`)
     or leave it in host memory and stream each batch's rows there."""
-    if mode not in ("dbr", "soft"):
+    if mode not in STORED:
         raise ValueError(f"relabel mode must be 'dbr' or 'soft', not {mode!r}")
     teacher.eval()
     device = torch.device(device)

@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 # RDED's command (its README and scripts/cifar10_10ipc_conv3_to_conv3_cr5.sh)
 RDED_FLAGS = ["--subset", "cifar10", "--arch-name", "conv3", "--factor", "1", "--num-crop", "5", "--mipc", "300",
@@ -55,8 +54,8 @@ print("STAGE_SECONDS " + json.dumps({{"select": t1 - t0, "train_eval": t2 - t1}}
 
 
 def _fashion_mnist():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from nrrdd.data import load_splits
+
     sp = load_splits("fashion-mnist", val_per_class=0)
     base = lambda s: getattr(s, "base", s)         # the whole split (no validation images held out)
     return base(sp.train), base(sp.test)
@@ -161,7 +160,7 @@ def run_nrrdd(args) -> None:
         ev = json.loads(next(out.glob("eval_online_*.json")).read_text())
         t = {**json.loads((out / "manifest_distill.json").read_text())["timings"], **ev["timings"]}
         _record(work, {"code": f"nrrdd --recipe {args.recipe}", "seed": seed, "final_top1": ev["test_top1"],
-                       "final_epoch": 299, "seconds": {k: round(v, 1) for k, v in t.items()},
+                       "final_epoch": ev["epochs"] - 1, "seconds": {k: round(v, 1) for k, v in t.items()},
                        "total_seconds": round(time.perf_counter() - t0, 1)})
 
 
