@@ -159,12 +159,15 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)                     # the initial weights: the same teacher from the same command
     model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
     skipped: list = []
+    # a teacher epoch is a pass over the whole training set: its state is saved after each
+    state = TrainCheckpoint(out / "checkpoint_teacher.pt", _identity(ctx), every=1)
+    _refuse_leftover(cfg, state.path.exists(), f"{state.path} holds the state of an interrupted teacher training")
     with _timed(ctx, "train"):
         train_teacher(model, sp.train, sp.normalizer, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
                       batch_size=cfg.teacher_batch_size, weight_decay=cfg.teacher_weight_decay, seed=cfg.seed,
                       flip=cfg.dataset != "mnist",
                       device=ctx.device, precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
-                      workers=cfg.loader_workers, skipped=skipped)
+                      workers=cfg.loader_workers, skipped=skipped, checkpoint=state)
     with _timed(ctx, "evaluate"):
         test = evaluate(model, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
         val = evaluate(model, sp.val, sp.normalizer, **_eval_kw(ctx, skipped)) if len(sp.val) else None
@@ -174,6 +177,7 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
             "epochs": cfg.teacher_epochs, "dataset_fingerprint": sp.fingerprint(), "sha256": file_sha256(ckpt)}
     atomic_write_json(teacher_meta_path(ckpt), meta)
     cfg.replace(teacher=str(ckpt)).save(out / "config_teacher.json")
+    state.remove()                                  # the teacher is written: the training state is spent
     write_manifest(out, stage="train_teacher", config=cfg.to_dict(), **_provenance(ctx),
                    teacher_sha256=meta["sha256"], timings=ctx.timings, results={"test_top1": test, "val_top1": val},
                    skipped_files=[{"file": p, "reason": r} for p, r in skipped])

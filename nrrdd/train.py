@@ -79,10 +79,12 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, 
                   batch_size: int, seed: int, weight_decay: float = 5e-4, flip: bool = True, device="cpu",
                   precision: str = "fp32",
                   show_progress: bool = True, loader: str = "torch", workers: int = 2,
-                  skipped: list | None = None) -> nn.Module:
+                  skipped: list | None = None, checkpoint: "TrainCheckpoint | None" = None) -> nn.Module:
     """SGD (momentum 0.9, nesterov, ``weight_decay`` on weights only), cosine lr, random 2-px shifts and
     horizontal flips.
 
+    ``checkpoint``: save model, optimiser, scheduler and the augmentation generator every ``checkpoint.every``
+    epochs and start from a saved state if there is one (a resumed teacher is the uninterrupted one, bit for bit).
     Images are read through :class:`~nrrdd.loaders.PatchSource` (``loader``: DALI or torch with ``workers``
     decoding processes, for image folders): files that cannot be decoded are left out and appended to
     ``skipped`` as (path, reason), once each."""
@@ -93,8 +95,9 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, 
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
     g = torch.Generator().manual_seed(seed)
+    first_epoch = checkpoint.restore(model, opt, sched, rng=g) if checkpoint is not None else 0
     bad: dict[str, str] = {}
-    for e in range(epochs):
+    for e in range(first_epoch, epochs):
         perm = torch.randperm(len(train), generator=g)
         src = PatchSource(train, perm, normalizer, loader=loader, batch_size=batch_size, workers=workers)
         bar = progress(src, desc=f"teacher epoch {e + 1}/{epochs}", enable=show_progress,
@@ -118,6 +121,8 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, 
         bad.update((path, reason) for path, reason in src.skipped if path not in bad)
         if len(bad) == len(train):
             raise ValueError(f"none of the {len(train)} training images could be decoded: {list(bad.items())[:3]}")
+        if checkpoint is not None and (e + 1) % checkpoint.every == 0 and e + 1 < epochs:
+            checkpoint.save(e + 1, model, opt, sched, rng=g)
     if skipped is not None:
         skipped += list(bad.items())
     return model.eval()
@@ -321,14 +326,17 @@ class TrainCheckpoint:
             raise ValueError(f"checkpoint interval must be >= 1 epoch, got {every}")
         self.path, self.identity, self.every = Path(path), identity, every
 
-    def save(self, epoch: int, model: nn.Module, opt, sched) -> None:
+    def save(self, epoch: int, model: nn.Module, opt, sched, rng: torch.Generator | None = None) -> None:
         from .io import atomic_torch_save
 
-        atomic_torch_save(self.path, {"epoch": epoch, "identity": self.identity, "model": model.state_dict(),
-                                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+        state = {"epoch": epoch, "identity": self.identity, "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        if rng is not None:
+            state["rng"] = rng.get_state()
+        atomic_torch_save(self.path, state)
 
-    def restore(self, model: nn.Module, opt, sched) -> int:
-        """The epoch to start from: 0, or the saved one after loading its state."""
+    def restore(self, model: nn.Module, opt, sched, rng: torch.Generator | None = None) -> int:
+        """The epoch to start from: 0, or the saved one after loading its state (and ``rng``'s, if saved)."""
         if not self.path.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -340,6 +348,8 @@ class TrainCheckpoint:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if rng is not None:
+            rng.set_state(state["rng"])
         return int(state["epoch"])
 
     def remove(self) -> None:

@@ -1,6 +1,6 @@
 """Faults: a run killed with SIGKILL at random points and resumed with --resume ends exactly (byte for byte)
-where an uninterrupted run ends - student training, relabelling, distillation; leftover state is refused
-without --resume and with other settings; an unwritable output folder fails before any work; a full disk
+where an uninterrupted run ends - teacher training, student training, relabelling, distillation; leftover state
+is refused without --resume and with other settings; an unwritable output folder fails before any work; a full disk
 fails with a clear error and leaves no partial output."""
 from __future__ import annotations
 
@@ -72,6 +72,22 @@ def test_killed_student_training_resumes_to_the_same_result(tmp_path):
     got = json.loads((syn / "eval_hard_conv3_s0.json").read_text())
     assert (got["test_top1"], got["val_top1"]) == (expected["test_top1"], expected["val_top1"])
     assert not ckpt.exists()                                      # spent state is removed once the result is in
+
+
+def test_killed_teacher_training_resumes_to_the_same_teacher(tmp_path):
+    args = lambda d, *x: ["train-teacher", "--out", str(d), "--teacher-epochs", "6", "--teacher-batch-size", "64",  # noqa: E731
+                          "--train-limit", "1000", "--test-limit", "200", "--val-per-class", "20", "--threads", "1", *x]
+    ref = tmp_path / "ref"
+    assert main(args(ref)) == 0
+    out = tmp_path / "killed"
+    state = out / "checkpoint_teacher.pt"
+    _kill_three_times(lambda *x: args(out, *x), out, state.name, seed=1)
+    assert not (out / "teacher.pt").exists()
+    assert main(args(out)) == 2                                   # leftover state: refused without --resume
+    assert main(args(out, "--teacher-lr", "0.01", "--resume")) == 2   # other settings: refused
+    assert main(args(out, "--resume")) == 0
+    assert (out / "teacher.pt").read_bytes() == (ref / "teacher.pt").read_bytes()
+    assert not state.exists()                                     # spent state is removed once the teacher is in
 
 
 def test_killed_relabelling_resumes_to_byte_identical_labels(tmp_path):
