@@ -13,10 +13,10 @@ import json
 import os
 import sys
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
-from .config import RunConfig
+from .config import STAGES, RunConfig
 
 # RDED's flag names, accepted unchanged.
 ALIASES = {
@@ -25,78 +25,20 @@ ALIASES = {
 }
 
 
-# What a flag means, where its default alone does not say it.
-HELP = {
-    "method": "nrrdd (CIDD + NRR) | rded | random | sre2l (Gaussian noise + unmasked synthesis with jitter/flip)",
-    "arch": "teacher: registered name (conv3, resnet18_modified), torchvision classifier (resnet18), or your own "
-            "nn.Module as package.module:ClassName (importable: installed or on PYTHONPATH)",
-    "arch_kwargs": "JSON object of constructor kwargs for --arch, e.g. '{\"width\": 64}'; num_classes is added "
-                   "when the constructor has that parameter",
-    "student": "student architecture, same forms as --arch",
-    "student_kwargs": "JSON object of constructor kwargs for --student",
-    "teacher": "teacher checkpoint: a state_dict or {\"model\": state_dict}",
-    "refine": "stage 2 on/off; None: on for nrrdd and sre2l, off for rded and random",
-    "sre2l_iterations": "method sre2l: optimisation steps per batch (uses --nrr-lr, --nrr-betas, --a-bn)",
-    "sre2l_jitter": "method sre2l: each step roll the teacher's input by up to this many px (per axis)",
-    "set_on_device": "relabel and student training: copy the whole synthetic set to the device, or keep it in "
-                     "host memory and stream each step's rows there; None: on the device when it takes at most "
-                     "half its free memory (the batches are the same either way)",
-    "sre2l_flip": "method sre2l: each step flip the teacher's input with p 0.5; None: on, except for mnist",
-    "crop_scale": "discovery: random-resized-crop area range, as a fraction of the image (torchvision's scale)",
-    "crop_min_side": "discovery: no crop smaller than this many px a side (raises --crop-scale's lower bound to "
-                     "(side / input size)^2); 0: off",
-    "whole_image": "discovery (rded, nrrdd): the whole image is one more candidate crop of every image (nrrdd's "
-                   "CAM ratio is 1 for it, the highest: CIDD then keeps whole images only)",
-    "cidd_keep": "nrrdd discovery: rank candidates by confidence ascending (low, the paper) or descending (high, "
-                 "RDED's rule)",
-    "cidd_quantile": "nrrdd discovery: keep ipc x factor^2 consecutive candidates of the ranking starting this far "
-                     "down it (0: the first, the paper; 0.5: the middle; 1: the last)",
-    "cidd_correct": "nrrdd discovery: rank crops the teacher assigns to another class after all others",
-    "nrr_mask_mode": "where the NRR mask enters the update: step (scales Adam's step, fused kernel), grad (scales the "
-                     "gradient before a plain Adam), sgd (x -= lr * M * grad; lr on another scale)",
-    "recipe": "student recipe: nrrdd (CutMix per sample, lr cosine to 0 per step) or rded (RDED's: one CutMix ratio "
-              "and box per batch, partners a permutation of the batch, lr x 0.5(1+cos(pi e/2E)) per epoch)",
-    "dbr_distance": "DBR's distance between student and teacher distances: l1, l2 (fused kernel) or smooth-l1",
-    "dbr_temperature": "temperature of DBR's distances (the stored teacher distances and the student's)",
-    "dbr_sce_temperature": "temperature of DBR's CutMix cross-entropy term; None: --dbr-temperature (one "
-                           "temperature, fused kernel)",
-    "teacher_weight_decay": "train-teacher: SGD weight decay (not on biases and BatchNorm)",
-    "dataset": "fashion-mnist | mnist | cifar10 | cifar100 | imagefolder, or RDED's --subset names (cifar10, "
-               "cifar100, tinyimagenet, imagenet-10, imagenet-nette, imagenet-woof, imagenet-100, imagenet-1k: "
-               "./data/<subset>/train and /val, RDED's sizes, teacher ./data/pretrain_models/<subset>_<arch>.pth, "
-               "output ./exp/<RDED's experiment name>; see nrrdd/rded.py)",
-    "mean": "normalisation means, per channel: 0.485,0.456,0.406, or a preset (imagenet, cifar10, cifar100, mnist, "
-            "fashion-mnist); None: the dataset's (ImageNet's for image folders). Use the teacher's training values",
-    "std": "normalisation stds, per channel, or a preset; None: the preset named by --mean, else the dataset's",
-    "input_size": "None: the dataset's own (image folders: read from the files' headers, the rule in the manifest)",
-    "test_per_class": "evaluate on the first this-many test images of each class (0: all; RDED's val_ipc for its "
-                      "subsets)",
-}
-
-# Fields whose values are one of a few words: checked when the flags are parsed.
-CHOICES = {
-    "method": ("nrrdd", "rded", "random", "sre2l"), "labels": ("online", "soft", "dbr", "hard"),
-    "cidd_keep": ("low", "high"), "nrr_mask_mode": ("step", "grad", "sgd"), "recipe": ("nrrdd", "rded"),
-    "dbr_distance": ("l1", "l2", "smooth-l1"), "cam": ("auto", "cam", "gradcam"),
-    "precision": ("auto", "fp32", "bf16"), "loader": ("auto", "dali", "torch"),
-}
-
-
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run configuration (see nrrdd/config.py for meanings and defaults)")
-    g.add_argument("--config", help="JSON file of config values (flags override it)")
+    """One flag per RunConfig field, grouped by stage, with the field's meaning, default and valid values."""
+    p.add_argument("--config", help="JSON file of config values (flags override it)")
+    groups = {stage: p.add_argument_group(f"{stage}: {what}") for stage, what in STAGES.items()}
     hints = typing.get_type_hints(RunConfig)
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         names = [flag] + ALIASES.get(f.name, [])
-        default = f.default if f.default is not MISSING else None
-        tp = hints[f.name]
-        text = f"default: {default!r}"
-        if f.name in HELP:
-            text = f"{HELP[f.name]} ({text})"
+        text = f"{f.metadata['help']} (default: {f.default!r})"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
-        if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
+        g = groups[f.metadata["stage"]]
+        tp = hints[f.name]
         if tp in (bool, typing.Optional[bool]):
             g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -105,9 +47,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(*names, type=args[0], nargs=len(args), metavar=f.name.upper(), **kw)
             continue
         base = next((a for a in args if a is not type(None)), tp) if args else tp
-        if base is str and default is None:
-            g.add_argument(*names, type=_none_or(str), **kw)
-        elif base in (int, float) and default is None:
+        if base in (str, int, float) and f.default is None:
             g.add_argument(*names, type=_none_or(base), **kw)
         else:
             g.add_argument(*names, type=base, **kw)

@@ -23,16 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import pipeline, sheets
-from .config import RunConfig
+from .config import NOT_DISTILL, RunConfig
 from .io import atomic_write_json, atomic_write_text, file_sha256
 from .relabel import STORED                # label modes read from a `relabel` file
 
 DEFAULT_ROWS = ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr", "nrrdd:hard"]
 LABEL_MODES = ("online", "soft", "dbr", "hard")
-
-# Settings that leave a synthetic set unchanged: a set on disk distilled under other values is still reused.
-# (The teacher is compared by its hash in the distill manifest, not by its path.)
-NOT_DISTILL = pipeline.NOT_DISTILL
 
 
 @dataclass

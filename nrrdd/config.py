@@ -15,95 +15,163 @@ from typing import Any
 CPU_COMPILE_MIN_SAMPLES = 100_000   # see RunConfig.resolved_compile
 
 
+# What each group of fields is for. A synthetic set depends on the fields of the first four stages only; the
+# ``runtime`` fields say how a run runs, not what it computes (a killed run may resume with others).
+STAGES = {
+    "data": "the training images: which, how they are read and normalised, the held-out validation split",
+    "models": "the teacher's architecture",
+    "discover": "stage 1, discovery of the real patches (CIDD for nrrdd; RDED; random)",
+    "refine": "stage 2, refinement of the images (NRR; SRe2L's synthesis)",
+    "student": "stage 3, relabelling and student training",
+    "test": "the test images a student and a teacher are scored on",
+    "teacher": "the teacher: its checkpoint, or how train-teacher trains it",
+    "device": "where and in which precision the numbers are computed",
+    "runtime": "how a run runs (threads, output folder, resuming): not what it computes",
+}
+DISTILL_STAGES = ("data", "models", "discover", "refine")
+
+
+def _f(default: Any, help: str, stage: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A RunConfig field: its default, what it means (the flag's --help), its stage and its valid values."""
+    assert stage in STAGES, stage
+    return dataclasses.field(default=default, metadata={"help": help, "stage": stage, "choices": choices})
+
+
 @dataclass
 class RunConfig:
     # --- data -----------------------------------------------------------------------------------
-    dataset: str = "fashion-mnist"      # fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | RDED's subsets
-    data_root: str | None = None        # where the dataset lives (default: the named dataset's usual place)
-    test_root: str | None = None        # imagefolder only: folder of the test/val split
-    val_per_class: int = 500            # held out of the training split for tuning (never the test set)
-    train_limit: int = 0                # >0: use only this many training images (seeded), for quick runs
-    test_limit: int = 0                 # >0: evaluate on the first this-many test images only (quick runs)
-    test_per_class: int = 0             # >0: evaluate on the first this-many test images of each class (RDED's val_ipc)
-    input_size: int | None = None       # None: the dataset's native size
-    mean: str | None = None             # normalisation: per-channel means "0.5,0.5,0.5" or a preset; None: the data's
-    std: str | None = None              # per-channel stds, or a preset; None: the preset named by mean, else the data's
-    seed: int = 0
+    dataset: str = _f("fashion-mnist", "fashion-mnist | mnist | cifar10 | cifar100 | imagefolder, or RDED's --subset "
+                      "names (cifar10, cifar100, tinyimagenet, imagenet-10, imagenet-nette, imagenet-woof, "
+                      "imagenet-100, imagenet-1k: ./data/<subset>/train and /val, RDED's sizes, teacher "
+                      "./data/pretrain_models/<subset>_<arch>.pth, output ./exp/<RDED's experiment name>; see "
+                      "nrrdd/rded.py)", "data")
+    data_root: str | None = _f(None, "where the dataset lives (None: the named dataset's usual place; imagefolder: "
+                               "the training folder)", "data")
+    test_root: str | None = _f(None, "imagefolder only: the folder of the test/val split", "test")
+    val_per_class: int = _f(500, "images per class held out of the training split for tuning (never the test set)",
+                            "data")
+    train_limit: int = _f(0, ">0: use only this many training images (seeded), for quick runs", "data")
+    test_limit: int = _f(0, ">0: evaluate on the first this-many test images only (quick runs)", "test")
+    test_per_class: int = _f(0, ">0: evaluate on the first this-many test images of each class (RDED's val_ipc)",
+                             "test")
+    input_size: int | None = _f(None, "None: the dataset's own (image folders: read from the files' headers, the "
+                                "rule in the manifest)", "data")
+    mean: str | None = _f(None, "normalisation means, per channel: 0.485,0.456,0.406, or a preset (imagenet, cifar10, "
+                          "cifar100, mnist, fashion-mnist); None: the dataset's (ImageNet's for image folders). Use "
+                          "the teacher's training values", "data")
+    std: str | None = _f(None, "normalisation stds, per channel, or a preset; None: the preset named by --mean, else "
+                         "the dataset's", "data")
+    seed: int = _f(0, "every random choice of a run (candidates, crops, augmentation, initial weights)", "data")
+    loader: str = _f("auto", "image decoding for image folders: auto (DALI if installed) | dali | torch", "data",
+                     ("auto", "dali", "torch"))
 
     # --- models -----------------------------------------------------------------------------------
-    arch: str = "conv3"                 # teacher: registry name, torchvision name, or package.module:ClassName
-    arch_kwargs: str = "{}"             # JSON object: constructor kwargs of --arch (num_classes added if accepted)
-    student: str = "conv3"              # student architecture (same forms as arch)
-    student_kwargs: str = "{}"          # JSON object: constructor kwargs of --student
-    teacher: str | None = None          # teacher checkpoint path ({"model": state_dict} or a state_dict)
+    arch: str = _f("conv3", "teacher: registered name (conv3, resnet18_modified), torchvision classifier (resnet18), "
+                   "or your own nn.Module as package.module:ClassName (importable: installed or on PYTHONPATH)",
+                   "models")
+    arch_kwargs: str = _f("{}", "JSON object of constructor kwargs for --arch, e.g. '{\"width\": 64}'; num_classes "
+                          "is added when the constructor has that parameter", "models")
+    student: str = _f("conv3", "student architecture, same forms as --arch", "student")
+    student_kwargs: str = _f("{}", "JSON object of constructor kwargs for --student", "student")
+    teacher: str | None = _f(None, "teacher checkpoint: a state_dict or {\"model\": state_dict}", "teacher")
 
     # --- stage 1: discovery ---------------------------------------------------------------------------
-    method: str = "nrrdd"               # nrrdd (CIDD + NRR) | rded | random | sre2l (noise + unmasked synthesis)
-    ipc: int = 10
-    mipc: int = 300                     # real candidate images per class
-    num_crop: int = 5
-    factor: int | None = None           # patches per side; None: 1 below 64 px, 2 above (METHOD.md)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_min_side: int = 0              # >0: no discovery crop smaller than this many px a side (raises crop_scale[0])
-    whole_image: bool = False           # the whole image is one more candidate crop of every image
-    cam: str = "auto"                   # auto (CAM where exact, else Grad-CAM) | cam | gradcam
-    cidd_keep: str = "low"              # CIDD keeps the lowest-confidence crops [paper]; "high" = RDED's rule
-    cidd_quantile: float = 0.0          # CIDD keeps the crops from this quantile of its confidence ranking on
-    cidd_correct: bool = False          # CIDD ranks crops the teacher assigns to another class last
-    discover_batch_size: int = 256
+    method: str = _f("nrrdd", "nrrdd (CIDD + NRR) | rded | random | sre2l (Gaussian noise + unmasked synthesis with "
+                     "jitter/flip)", "discover", ("nrrdd", "rded", "random", "sre2l"))
+    ipc: int = _f(10, "synthetic images per class", "discover")
+    mipc: int = _f(300, "real candidate images per class", "discover")
+    num_crop: int = _f(5, "random crops scored per candidate image", "discover")
+    factor: int | None = _f(None, "patches per side of a synthetic image; None: 1 below 64 px, 2 above (METHOD.md)",
+                            "discover")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "discovery: random-resized-crop area range, as a fraction of "
+                                         "the image (torchvision's scale)", "discover")
+    crop_min_side: int = _f(0, "discovery: no crop smaller than this many px a side (raises --crop-scale's lower "
+                            "bound to (side / input size)^2); 0: off", "discover")
+    whole_image: bool = _f(False, "discovery (rded, nrrdd): the whole image is one more candidate crop of every image "
+                           "(nrrdd's CAM ratio is 1 for it, the highest: CIDD then keeps whole images only)", "discover")
+    cam: str = _f("auto", "auto (CAM where exact, else Grad-CAM) | cam | gradcam", "discover",
+                  ("auto", "cam", "gradcam"))
+    cidd_keep: str = _f("low", "nrrdd discovery: rank candidates by confidence ascending (low, the paper) or "
+                        "descending (high, RDED's rule)", "discover", ("low", "high"))
+    cidd_quantile: float = _f(0.0, "nrrdd discovery: keep ipc x factor^2 consecutive candidates of the ranking "
+                              "starting this far down it (0: the first, the paper; 0.5: the middle; 1: the last)",
+                              "discover")
+    cidd_correct: bool = _f(False, "nrrdd discovery: rank crops the teacher assigns to another class after all "
+                            "others", "discover")
+    discover_batch_size: int = _f(256, "candidate images per teacher batch in discovery", "discover")
 
     # --- stage 2: refinement (NRR) ------------------------------------------------------------------
-    refine: bool | None = None          # None: on for nrrdd and sre2l, off for rded/random (rded+refine = ablation)
-    nrr_eps: float = 0.5                # M = max(0, eps - CAM) [default]
-    nrr_iterations: int = 500           # [default]
-    nrr_lr: float = 0.25                # Adam on pixels, SRe2L's settings [default]
-    nrr_betas: tuple[float, float] = (0.5, 0.9)
-    nrr_adam_eps: float = 1e-8
-    a_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    mask_every: int = 0                 # 0: mask fixed from the start [default]; k: recompute every k steps
-    nrr_mask_mode: str = "step"         # step (mask on Adam's step) [default] | grad (on the gradient) | sgd
-    refine_batch_size: int = 100
+    refine: bool | None = _f(None, "stage 2 on/off; None: on for nrrdd and sre2l, off for rded and random "
+                             "(rded with refinement: an ablation)", "refine")
+    nrr_eps: float = _f(0.5, "NRR mask M = max(0, eps - CAM): pixels with CAM >= eps never change", "refine")
+    nrr_iterations: int = _f(500, "NRR optimisation steps per batch", "refine")
+    nrr_lr: float = _f(0.25, "Adam learning rate on the pixels (SRe2L's), cosine schedule", "refine")
+    nrr_betas: tuple[float, float] = _f((0.5, 0.9), "Adam's betas on the pixels", "refine")
+    nrr_adam_eps: float = _f(1e-8, "Adam's epsilon on the pixels", "refine")
+    a_bn: float = _f(0.01, "weight of SRe2L's BatchNorm-statistics loss", "refine")
+    first_bn_multiplier: float = _f(10.0, "the first BatchNorm layer's weight in that loss", "refine")
+    mask_every: int = _f(0, "0: the NRR mask is computed once, at the start; k: recomputed every k steps", "refine")
+    nrr_mask_mode: str = _f("step", "where the NRR mask enters the update: step (scales Adam's step, fused kernel), "
+                            "grad (scales the gradient before a plain Adam), sgd (x -= lr * M * grad; lr on another "
+                            "scale)", "refine", ("step", "grad", "sgd"))
+    refine_batch_size: int = _f(100, "images refined together (one batch's BatchNorm statistics)", "refine")
 
     # --- SRe2L synthesis (method sre2l): noise init, then the refinement loop unmasked ----------------
     # Adam lr/betas/eps, a_bn, first_bn_multiplier and refine_batch_size are the nrr_* / shared fields above.
-    sre2l_iterations: int = 1000        # SRe2L's recover iterations
-    sre2l_jitter: int = 4               # each step the batch is rolled by (dy, dx), each uniform in [0, jitter] px
-    sre2l_flip: bool | None = None      # each step the batch is flipped horizontally with p 0.5; None: off for mnist
+    sre2l_iterations: int = _f(1000, "method sre2l: optimisation steps per batch (uses --nrr-lr, --nrr-betas, "
+                               "--a-bn)", "refine")
+    sre2l_jitter: int = _f(4, "method sre2l: each step roll the teacher's input by up to this many px (per axis)",
+                           "refine")
+    sre2l_flip: bool | None = _f(None, "method sre2l: each step flip the teacher's input with p 0.5; None: on, "
+                                 "except for mnist", "refine")
 
     # --- stage 3: relabel + student training --------------------------------------------------------
-    labels: str = "online"              # online | soft | dbr | hard
-    epochs: int = 300                   # student epochs (RDED)
-    batch_size: int = 0                 # 0: RDED's rule (ipc 1 -> 10, 10 -> 50, 50 -> 100, x2 for >=100 classes)
-    lr: float = 1e-3                    # AdamW (RDED)
-    weight_decay: float = 0.01
-    temperature: float = 20.0           # KL temperature for soft labels with CutMix (RDED)
-    cutmix_alpha: float = 1.0
-    recipe: str = "nrrdd"               # nrrdd (CutMix per sample, cosine to 0 per step) | rded (RDED's own)
-    alpha_dbr: float = 1.0              # [default]
-    dbr_distance: str = "l1"            # l1 [default] | l2 | smooth-l1
-    dbr_temperature: float = 1.0        # [default] temperature of the distances (stored and the student's)
-    dbr_sce_temperature: float | None = None  # temperature of DBR's CutMix cross-entropy; None: dbr_temperature
-    eval_batch_size: int = 500
-    compile: bool | None = None         # torch.compile student training; None: where it pays (see resolved_compile)
-    sync_bn: bool | None = None         # several processes: SyncBatchNorm in the student; None: on CUDA (CPU has none)
-    set_on_device: bool | None = None   # relabel/train: the whole synthetic set on the device; None: if it fits
+    labels: str = _f("online", "the student's labels: online (teacher soft labels each step) | soft (stored) | dbr "
+                     "(stored distances) | hard", "student", ("online", "soft", "dbr", "hard"))
+    epochs: int = _f(300, "student epochs (RDED's --re-epochs)", "student")
+    batch_size: int = _f(0, "student batch; 0: RDED's rule (ipc 1 -> 10, 10 -> 50, 50 -> 100, x2 for >= 100 "
+                         "classes)", "student")
+    lr: float = _f(1e-3, "student AdamW learning rate (RDED's)", "student")
+    weight_decay: float = _f(0.01, "student AdamW weight decay (not on biases and BatchNorm)", "student")
+    temperature: float = _f(20.0, "KL temperature of soft labels with CutMix (RDED's)", "student")
+    cutmix_alpha: float = _f(1.0, "CutMix's Beta(alpha, alpha)", "student")
+    recipe: str = _f("nrrdd", "student recipe: nrrdd (CutMix per sample, lr cosine to 0 per step) or rded (RDED's: "
+                     "one CutMix ratio and box per batch, partners a permutation of the batch, lr x "
+                     "0.5(1+cos(pi e/2E)) per epoch)", "student", ("nrrdd", "rded"))
+    alpha_dbr: float = _f(1.0, "weight of DBR's distance term against its CutMix cross-entropy", "student")
+    dbr_distance: str = _f("l1", "DBR's distance between student and teacher distances: l1, l2 (fused kernel) or "
+                           "smooth-l1", "student", ("l1", "l2", "smooth-l1"))
+    dbr_temperature: float = _f(1.0, "temperature of DBR's distances (the stored teacher distances and the "
+                                "student's)", "student")
+    dbr_sce_temperature: float | None = _f(None, "temperature of DBR's CutMix cross-entropy term; None: "
+                                           "--dbr-temperature (one temperature, fused kernel)", "student")
+    eval_batch_size: int = _f(500, "images per batch when scoring a model on the test and validation images",
+                              "runtime")
+    compile: bool | None = _f(None, "torch.compile student training; None: where it pays (on CUDA; on the CPU from "
+                              "100k training samples, epochs x images)", "runtime")
+    sync_bn: bool | None = _f(None, "several processes: SyncBatchNorm in the student; None: on CUDA (the CPU has "
+                              "none)", "student")
+    set_on_device: bool | None = _f(None, "relabel and student training: copy the whole synthetic set to the device, "
+                                    "or keep it in host memory and stream each step's rows there; None: on the device "
+                                    "when it takes at most half its free memory (the batches are the same either "
+                                    "way)", "runtime")
 
     # --- teacher training ----------------------------------------------------------------------------
-    teacher_epochs: int = 5
-    teacher_lr: float = 0.05
-    teacher_batch_size: int = 128
-    teacher_weight_decay: float = 5e-4
+    teacher_epochs: int = _f(5, "train-teacher: epochs (SGD, cosine learning rate)", "teacher")
+    teacher_lr: float = _f(0.05, "train-teacher: SGD learning rate (momentum 0.9, nesterov)", "teacher")
+    teacher_batch_size: int = _f(128, "train-teacher: batch size", "teacher")
+    teacher_weight_decay: float = _f(5e-4, "train-teacher: SGD weight decay (not on biases and BatchNorm)", "teacher")
 
     # --- runtime --------------------------------------------------------------------------------------
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    precision: str = "auto"             # auto (bf16 autocast where the hardware has bf16 units) | fp32 | bf16
-    threads: int = 0                    # 0: torch's default
-    loader: str = "auto"                # image decoding for image folders: auto (DALI if installed) | dali | torch
-    loader_workers: int = 2             # DataLoader worker processes (torch) or DALI CPU threads
-    out: str = "runs/run"
-    resume: bool = False                # continue a killed run from its last checkpoint (student: per epoch)
-    checkpoint_every: int = 10          # student training: save its state every this many epochs
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N", "device")
+    precision: str = _f("auto", "auto (bf16 autocast where the hardware has bf16 units) | fp32 | bf16", "device",
+                        ("auto", "fp32", "bf16"))
+    threads: int = _f(0, "CPU threads of this process; 0: torch's default", "runtime")
+    loader_workers: int = _f(2, "DataLoader worker processes (torch loader) or DALI CPU threads", "runtime")
+    out: str = _f("runs/run", "the run's output folder", "runtime")
+    resume: bool = _f(False, "continue a killed run from the pieces it saved", "runtime")
+    checkpoint_every: int = _f(10, "student training and relabelling: save their state every this many epochs",
+                               "runtime")
 
     # ---------------------------------------------------------------------------------------------
     def resolved_factor(self, input_size: int) -> int:
@@ -165,6 +233,12 @@ class RunConfig:
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            valid = f.metadata.get("choices")
+            if valid and getattr(self, f.name) not in valid:
+                raise ValueError(f"{f.name} {getattr(self, f.name)!r} is not one of {', '.join(valid)}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         known = {f.name: f for f in fields(cls)}
@@ -184,3 +258,14 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def fields_of(*stages: str) -> frozenset[str]:
+    """The names of the RunConfig fields of these stages."""
+    return frozenset(f.name for f in fields(RunConfig) if f.metadata["stage"] in stages)
+
+
+# How a run runs, not what it computes: a killed run may resume with other values of these.
+RUNTIME_FIELDS = fields_of("runtime")
+# What a synthetic set does not depend on; the teacher enters it by its file's hash, not its path.
+NOT_DISTILL = fields_of(*(s for s in STAGES if s not in DISTILL_STAGES))

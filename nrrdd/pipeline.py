@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from .cam import require_cam
-from .config import RunConfig
+from .config import NOT_DISTILL, RUNTIME_FIELDS, RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
 from .discover import Discovery, assemble, crop_scale_for, select
 from .dist import SINGLE, Dist, setup as setup_dist
@@ -103,18 +103,7 @@ def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
                 workers=cfg.loader_workers, skipped=skipped, dist=ctx.dist)
 
 
-# Fields that may differ between a killed run and its resumption: how it runs, not what it computes.
-_RUNTIME_FIELDS = {"resume", "threads", "loader_workers", "out", "checkpoint_every", "compile", "eval_batch_size",
-                   "set_on_device"}
-# Fields a synthetic set does not depend on (student stage, runtime): reuse and resume of a distillation ignore them.
-NOT_DISTILL = {"labels", "epochs", "batch_size", "lr", "weight_decay", "temperature", "cutmix_alpha", "alpha_dbr",
-               "dbr_distance", "dbr_temperature", "dbr_sce_temperature", "recipe", "eval_batch_size", "student",
-               "student_kwargs", "sync_bn", "teacher", "teacher_epochs", "teacher_lr", "teacher_batch_size",
-               "teacher_weight_decay", "test_root", "test_limit", "test_per_class", "device",
-               "precision", "threads", "out"} | _RUNTIME_FIELDS
-
-
-def _identity(ctx: Context, ignore: set[str] = _RUNTIME_FIELDS, **inputs) -> dict:
+def _identity(ctx: Context, ignore: frozenset[str] = RUNTIME_FIELDS, **inputs) -> dict:
     """What a resumed stage must share with the killed one: its settings (but ``ignore``), data and teacher
     (and ``inputs``)."""
     ident = {k: v for k, v in ctx.cfg.to_dict().items() if k not in ignore}

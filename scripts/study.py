@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nrrdd import pipeline
-from nrrdd.config import RunConfig
+from nrrdd.config import NOT_DISTILL, RunConfig
 from nrrdd.io import file_sha256
 
 # round -> [(trial name, method, label mode, overrides)]; the first trial of each label mode is the control.
@@ -122,7 +122,7 @@ def flock(path: Path, block: bool = True):
 
 def distill_key(cfg: RunConfig, teacher_sha: str) -> str:
     """A synthetic set's settings (the fields it depends on) and teacher, as a short hash naming its folder."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in pipeline.NOT_DISTILL}
+    d = {k: v for k, v in cfg.to_dict().items() if k not in NOT_DISTILL}
     return _hash({**d, "teacher_sha256": teacher_sha})
 
 

@@ -58,3 +58,37 @@ def test_relabel_refuses_label_modes_it_does_not_store(labels, tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"relabel stores dbr or soft labels; --labels {labels} needs none" in err
     assert not any(tmp_path.iterdir())                                  # nothing written
+
+
+def test_every_field_says_what_it_means_in_help(capsys):
+    from dataclasses import fields
+
+    for f in fields(RunConfig):
+        assert f.metadata["help"].strip() and f.metadata["stage"], f.name
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    out = " ".join(capsys.readouterr().out.split())         # argparse wraps lines
+    assert "NRR mask M = max(0, eps - CAM)" in out and "(default: 0.5)" in out        # --nrr-eps
+    assert "stage 2, refinement of the images" in out                                # its group
+    assert "{online,soft,dbr,hard}" in out and "{auto,dali,torch}" in out             # valid values
+
+
+def test_invalid_choices_are_refused_from_flags_and_config_files(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["show-config", "--dbr-distance", "l3"])
+    assert "invalid choice: 'l3'" in capsys.readouterr().err
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"loader": "pil"}))
+    with pytest.raises(ValueError, match="loader 'pil' is not one of auto, dali, torch"):
+        RunConfig.load(bad)
+    with pytest.raises(ValueError, match="cidd_keep 'middle'"):
+        RunConfig().replace(cidd_keep="middle")
+
+
+def test_stage_sets_follow_the_fields_stages():
+    from nrrdd.config import NOT_DISTILL, RUNTIME_FIELDS
+
+    assert {"out", "resume", "threads", "checkpoint_every", "compile"} <= RUNTIME_FIELDS
+    assert "precision" not in RUNTIME_FIELDS and "loader" not in RUNTIME_FIELDS    # they change the numbers
+    assert RUNTIME_FIELDS <= NOT_DISTILL and {"labels", "epochs", "teacher", "teacher_epochs", "test_limit"} <= NOT_DISTILL
+    assert not {"ipc", "mipc", "nrr_eps", "crop_scale", "seed", "arch", "loader"} & NOT_DISTILL
