@@ -11,6 +11,7 @@ on the same machine, not against a file from another.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -27,7 +28,9 @@ def sha(path: Path) -> str:
 
 
 def call(*args: str) -> None:
-    if nrrdd([*args, *DATA]) != 0:
+    with contextlib.redirect_stdout(sys.stderr):            # stdout holds the fingerprints only
+        code = nrrdd([*args, *DATA])
+    if code != 0:
         raise SystemExit(f"nrrdd {' '.join(args)} failed")
 
 
