@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PeakMemory, Recorder, quantiles
+from benchmarks.common import OUT, PeakMemory, Recorder, quantiles
 
 SIZES = {  # (full, quick)
     "ipc": (10, 2), "mipc": (100, 20), "iterations": (30, 3), "epochs": (20, 3), "train_limit": (10000, 3000),
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="runs per process count (default 3, quick 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all (shared out)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="benchmarks/results/dist.csv", help="CSV file (rows are appended)")
+    ap.add_argument("--out", default=str(OUT / "dist.csv"), help="CSV file, rows appended (default: %(default)s)")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and max(args.processes) > torch.cuda.device_count():

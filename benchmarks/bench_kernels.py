@@ -20,7 +20,7 @@ reference.  Rows are appended to ``--out`` (CSV, header written for a new file)
 and a readable table is printed.
 
     python -m benchmarks.bench_kernels --quick
-    python -m benchmarks.bench_kernels --out benchmarks/results/kernels.csv
+    python -m benchmarks.bench_kernels                 # rows appended to benchmarks/out/kernels.csv (untracked)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Recorder, quantiles
+from benchmarks.common import OUT, Recorder, quantiles
 from nrrdd.kernels import dbr_distances, dbr_loss
 from nrrdd.kernels._backend import triton_available
 from nrrdd.kernels.dbr import dbr_distances_reference, dbr_loss_reference
@@ -251,7 +251,7 @@ def bench_dbr(rec: KernelRecorder, device, B, C, reps, warmup, copy_gbs, provide
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results/kernels.csv", help="CSV file (rows are appended)")
+    ap.add_argument("--out", default=str(OUT / "kernels.csv"), help="CSV file, rows appended (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (CPU smoke run)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats per op")

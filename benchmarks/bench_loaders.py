@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PeakMemory, Recorder, quantiles
+from benchmarks.common import OUT, PeakMemory, Recorder, quantiles
 
 
 # ---- one provider, in its own process --------------------------------------------------------------
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", nargs="+", default=None,
                     help="default: torch dali-cpu, plus dali-mixed when CUDA is available")
     ap.add_argument("--device", default="auto", help="where batches are delivered (auto: cuda if available)")
-    ap.add_argument("--out", default="benchmarks/results/loaders.csv", help="CSV file (rows are appended)")
+    ap.add_argument("--out", default=str(OUT / "loaders.csv"), help="CSV file, rows appended (default: %(default)s)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--provider", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)

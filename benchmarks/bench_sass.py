@@ -13,7 +13,7 @@ also the default) by Triton's compiler and ptxas, and its cubin read back. Rows,
 These are counts, not times: they show how a kernel accesses memory and how much work it issues, and a
 change to a kernel shows up here on any machine. Times need a GPU (``bench_kernels``).
 
-    python -m benchmarks.bench_sass --out benchmarks/results/sass.csv [--arch 80 90 100]
+    python -m benchmarks.bench_sass [--arch 80 90 100]    # rows appended to benchmarks/out/sass.csv (untracked)
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Recorder
+from benchmarks.common import OUT, Recorder
 
 
 def _reports(archs: list[int], only: str = "") -> list[dict]:
@@ -45,7 +45,7 @@ def _reports(archs: list[int], only: str = "") -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="CSV to append rows to")
+    ap.add_argument("--out", type=Path, default=OUT / "sass.csv", help="CSV, rows appended (default: %(default)s)")
     ap.add_argument("--arch", type=int, nargs="+", default=[90])
     ap.add_argument("--quick", action="store_true", help="sm_90 only (the default already)")
     ap.add_argument("--only", default="", help="only variants whose name contains this text")

@@ -28,7 +28,7 @@ Rows (CSV format of every nrrdd benchmark, appended to ``--out``):
   number of classes (1 = linear); plotted to ``--plots``.
 
     python -m benchmarks.bench_stages --quick
-    python -m benchmarks.bench_stages --out benchmarks/results/latest_cpu.csv
+    python -m benchmarks.bench_stages          # rows appended to benchmarks/out/stages.csv (untracked)
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import PeakMemory, Recorder, quantiles
+from benchmarks.common import OUT, PeakMemory, Recorder, quantiles
 
 SIZES = {  # (full, quick)
     "mipc": (300, 60), "ipc": (10, 5), "iterations": (20, 4), "epochs": (6, 3), "eval_images": (10000, 2000),
@@ -316,8 +316,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default=None, help="a conv3 Fashion-MNIST checkpoint (default: untrained)")
     ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: throughput memory set feed storage scaling")
-    ap.add_argument("--out", default="benchmarks/results/stages.csv", help="CSV file (rows are appended)")
-    ap.add_argument("--plots", default="benchmarks/results/plots", help="folder for the scaling plots")
+    ap.add_argument("--out", default=str(OUT / "stages.csv"), help="CSV file, rows appended (default: %(default)s)")
+    ap.add_argument("--plots", default=str(OUT / "plots"), help="folder of the scaling plot (default: %(default)s)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:

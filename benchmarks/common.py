@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+#: Where runs write by default (git-ignored): a run never touches the committed baseline in benchmarks/results/
+#: unless asked to (``python -m benchmarks run --update-baseline``).
+OUT = Path(__file__).resolve().parent / "out"
+
 FIELDS = [
     "name", "provider", "shape", "metric", "unit", "median", "p20", "p80",
     "device", "torch_version", "package_version", "timestamp",

@@ -1,6 +1,7 @@
 """The benchmark suites still run (tiny sizes; the figures themselves are not checked here, only that each
 suite produces its rows): a benchmark that rots is found by CI, not by the next person who profiles."""
 import csv
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,21 @@ from imagefolders import imagenet_jpegs
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is imported from the checkout (it is not installed)
     sys.path.append(str(ROOT))
+
+
+def _committed() -> dict[str, str]:
+    """sha256 of the committed baseline's files: the CSVs, plots and the README with its table."""
+    files = sorted((ROOT / "benchmarks" / "results").rglob("*")) + [ROOT / "benchmarks" / "README.md"]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+            if f.is_file() and not f.name.endswith(".prev.csv")}
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_baseline_alone():
+    """No suite writes the committed baseline (a figure drawn to a default folder in benchmarks/results/ would)."""
+    before = _committed()
+    yield
+    assert _committed() == before
 
 
 def _run(args, out: Path) -> list[dict]:
