@@ -235,7 +235,7 @@ def analyse(variant: Variant, arch: int) -> Report:
 def masked_adam_variants(shape=(100, 3, 224, 224)) -> list[Variant]:
     """Refinement's step on one batch (100 images of 224 px, RGB), the other launcher branches, and the
     shapes that take other paths: Fashion-MNIST's one channel (flat), 30 x 30 planes (H*W divides by 4, not 16)."""
-    from .masked_adam import plan_masked_adam
+    from .masked_adam import AdamStep, plan_masked_adam
 
     out = []
 
@@ -244,7 +244,7 @@ def masked_adam_variants(shape=(100, 3, 224, 224)) -> list[Variant]:
         t = lambda: torch.empty(shape)  # noqa: E731
         mask = None if mask_shape is None else torch.empty(mask_shape, dtype=mask_dtype)
         lo, hi = (torch.full((C,), -2.0), torch.full((C,), 2.0)) if bounds else (None, None)
-        launch, _ = plan_masked_adam(t(), t(), mask, t(), t(), step=3, lr=0.25, beta1=beta1, lo=lo, hi=hi)
+        launch, _ = plan_masked_adam(t(), t(), mask, t(), t(), AdamStep(step=3, lr=0.25, beta1=beta1, lo=lo, hi=hi))
         n = N * C * H * W
         if big:  # the launch for 3 * 2**30 elements (64-bit offsets), without allocating them: same kernel,
             # only the sizes differ (x, its plane count and the grid scaled by the same factor)

@@ -20,11 +20,11 @@ upstream per-row gradient.  With ``p = softmax(z/T)``::
     d loss_row / dz = (w_org*(p - e_org) + w_aug*(p - e_aug)) / T
     w_org = lam + alpha*dist'(d_org - d_org_t),  w_aug = (1-lam) + alpha*dist'(d_aug - d_aug_t)
 
-Operators (namespace ``nrrdd``), usable under torch.compile(fullgraph=True):
+The Triton kernels run as operators (namespace ``nrrdd``), usable under torch.compile(fullgraph=True):
 
-* ``nrrdd::dbr_distances(logits, y_org, y_aug, temperature, use_triton) -> (d_org, d_aug)``
+* ``nrrdd::dbr_distances(logits, y_org, y_aug, temperature) -> (d_org, d_aug)``
 * ``nrrdd::dbr_loss_rows(logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature,
-  squared, compute_grad, grad_scale, use_triton) -> (loss_rows [B] fp32, grad_buffer)``
+  squared, compute_grad, grad_scale) -> (loss_rows [B] fp32, grad_buffer)``
   where ``grad_buffer = grad_scale * d loss_rows / d logits`` (``grad_scale`` = 1/B for a
   mean reduction, divided back out of the upstream gradient in backward); its
   autograd formula (register_autograd) differentiates ``loss_rows`` w.r.t. the logits
@@ -36,6 +36,8 @@ Labels must lie in [0, C): the Triton path does not check them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -45,13 +47,30 @@ __all__ = [
     "dbr_distances",
     "dbr_loss",
     "DBRLoss",
+    "DBROptions",
     "dbr_distances_reference",
     "dbr_loss_reference",
-    "dbr_rows_triton",
 ]
 
 _DISTANCES = ("l1", "l2")
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+class DBROptions(NamedTuple):
+    """The options of the DBR loss: the keyword arguments of ``dbr_loss`` and ``dbr_loss_reference``.
+
+    ``distance``: "l1" (abs) or "l2" (square); ``reduction``: "mean", "sum" or "none" ([B])."""
+
+    alpha: float = 1.0
+    temperature: float = 1.0
+    distance: str = "l1"
+    reduction: str = "mean"
+
+    def check(self) -> None:
+        if self.distance not in _DISTANCES:
+            raise ValueError(f"distance must be one of {_DISTANCES}, got {self.distance!r}")
+        if self.reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -83,7 +102,7 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     return rows
 
 
-def _check_args(logits, y_org, y_aug, distance, reduction):
+def _check_args(logits, y_org, y_aug, options: DBROptions | None = None):
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, C], got {tuple(logits.shape)}")
     B = logits.shape[0]
@@ -91,68 +110,24 @@ def _check_args(logits, y_org, y_aug, distance, reduction):
         raise ValueError(
             f"labels must be [B]={B}, got {tuple(y_org.shape)} and {tuple(y_aug.shape)}"
         )
-    if distance not in _DISTANCES:
-        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if options is not None:
+        options.check()
 
 
-def dbr_loss_reference(
-    logits: torch.Tensor,
-    y_org: torch.Tensor,
-    y_aug: torch.Tensor,
-    lam,
-    d_org_t,
-    d_aug_t,
-    *,
-    alpha: float = 1.0,
-    temperature: float = 1.0,
-    distance: str = "l1",
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Plain PyTorch DBR loss (fp32; float64 for float64 logits), differentiable by autograd."""
-    _check_args(logits, y_org, y_aug, distance, reduction)
-    d_org, d_aug = dbr_distances_reference(logits, y_org, y_aug, temperature)
+def dbr_loss_reference(logits, y_org, y_aug, lam, d_org_t, d_aug_t, **options) -> torch.Tensor:
+    """Plain PyTorch DBR loss (fp32; float64 for float64 logits), differentiable by autograd;
+    ``options``: the fields of :class:`DBROptions`."""
+    o = DBROptions(**options)
+    _check_args(logits, y_org, y_aug, o)
+    d_org, d_aug = dbr_distances_reference(logits, y_org, y_aug, o.temperature)
     acc = d_org.dtype
     if isinstance(lam, torch.Tensor):
         lam = lam.to(acc)
     t_org = d_org_t.to(acc) if isinstance(d_org_t, torch.Tensor) else d_org_t
     t_aug = d_aug_t.to(acc) if isinstance(d_aug_t, torch.Tensor) else d_aug_t
-    dist = torch.abs if distance == "l1" else torch.square
-    rows = lam * d_org + (1 - lam) * d_aug + alpha * (dist(d_org - t_org) + dist(d_aug - t_aug))
-    return _reduce(rows, reduction)
-
-
-def _dbr_rows_torch(
-    logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale=1.0
-):
-    """Reference implementation of the ``nrrdd::dbr_loss_rows`` operator: per-row loss
-    and (optionally) the analytic gradient buffer, in plain torch."""
-    z = logits.float() / temperature
-    logp = torch.log_softmax(z, dim=-1)
-    yo = y_org.long().view(-1, 1)
-    ya = y_aug.long().view(-1, 1)
-    d_org = -logp.gather(1, yo).squeeze(1)
-    d_aug = -logp.gather(1, ya).squeeze(1)
-    eo = d_org - d_org_t
-    ea = d_aug - d_aug_t
-    if squared:
-        rows = lam * d_org + (1 - lam) * d_aug + alpha * (eo * eo + ea * ea)
-    else:
-        rows = lam * d_org + (1 - lam) * d_aug + alpha * (eo.abs() + ea.abs())
-    if not compute_grad:
-        return rows, logits.new_empty((0,))
-    if squared:
-        wo = lam + alpha * 2.0 * eo
-        wa = (1 - lam) + alpha * 2.0 * ea
-    else:
-        wo = lam + alpha * torch.sign(eo)
-        wa = (1 - lam) + alpha * torch.sign(ea)
-    g = logp.exp_().mul_((wo + wa).unsqueeze(1))
-    g.scatter_add_(1, yo, -wo.unsqueeze(1))
-    g.scatter_add_(1, ya, -wa.unsqueeze(1))
-    g.mul_(grad_scale / temperature)
-    return rows, g.to(logits.dtype)
+    dist = torch.abs if o.distance == "l1" else torch.square
+    rows = lam * d_org + (1 - lam) * d_aug + o.alpha * (dist(d_org - t_org) + dist(d_aug - t_aug))
+    return _reduce(rows, o.reduction)
 
 
 # ----------------------------------------------------------------------------
@@ -252,38 +227,33 @@ def _launch_cfg(C: int, device_type: str) -> tuple[int, int]:
     return block, num_warps
 
 
-def _rows_ready(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
+def _plan_rows(logits: torch.Tensor, device_type: str | None):
+    """What both launches of the row kernel share: ``(z, B, C, options)``, ``z`` the logits with unit column
+    stride, ``options`` the launch's block size, alignment hint and warps."""
+    if not triton_available():
+        raise RuntimeError("nrrdd.kernels: Triton is not importable")
+    z = logits if logits.stride(-1) == 1 else logits.contiguous()
+    B, C = z.shape
+    block, warps = _launch_cfg(C, device_type or z.device.type)
+    return z, B, C, dict(BLOCK=block, ALIGN=pow2_divisor(C, z.stride(0)), num_warps=warps)
 
 
 def plan_dbr_distances(logits, y_org, y_aug, temperature: float = 1.0, device_type: str | None = None):
     """The launch of the distances kernel, without running it: ``(launch or None, (d_org, d_aug))``.
     ``device_type``: the device the launch is for (default: the logits'; nrrdd.kernels.aot plans for "cuda")."""
-    if not triton_available():
-        raise RuntimeError("nrrdd.kernels: Triton is not importable")
-    z = _rows_ready(logits)
-    B, C = z.shape
+    z, B, C, options = _plan_rows(logits, device_type)
     d_org = torch.empty(B, dtype=torch.float32, device=z.device)
     d_aug = torch.empty(B, dtype=torch.float32, device=z.device)
     if B == 0:
         return None, (d_org, d_aug)
-    block, warps = _launch_cfg(C, device_type or z.device.type)
     launch = Launch(
         _dbr_row_kernel,
         (B,),
         (z, z.stride(0), z, 0, y_org.contiguous(), y_aug.contiguous(), d_org, d_org, d_org, d_org, d_aug, d_org,
          C, 1.0 / float(temperature), 0.0, 1.0),
-        dict(COMPUTE_LOSS=False, COMPUTE_GRAD=False, SQUARED=False, BLOCK=block, ALIGN=pow2_divisor(C, z.stride(0)),
-             num_warps=warps),
+        dict(COMPUTE_LOSS=False, COMPUTE_GRAD=False, SQUARED=False, **options),
     )
     return launch, (d_org, d_aug)
-
-
-def dbr_distances_triton(logits, y_org, y_aug, temperature: float = 1.0):
-    launch, out = plan_dbr_distances(logits, y_org, y_aug, temperature)
-    if launch is not None:
-        launch()
-    return out
 
 
 def plan_dbr_rows(
@@ -292,15 +262,11 @@ def plan_dbr_rows(
 ):
     """The launch of the loss kernel, without running it: ``(launch or None, (loss_rows, grad_buffer))``.
     ``device_type`` as for :func:`plan_dbr_distances`."""
-    if not triton_available():
-        raise RuntimeError("nrrdd.kernels: Triton is not importable")
-    z = _rows_ready(logits)
-    B, C = z.shape
+    z, B, C, options = _plan_rows(logits, device_type)
     loss = torch.empty(B, dtype=torch.float32, device=z.device)
     grad = torch.empty((B, C) if compute_grad else (0,), dtype=z.dtype, device=z.device)
     if B == 0:
         return None, (loss, grad)
-    block, warps = _launch_cfg(C, device_type or z.device.type)
     launch = Launch(
         _dbr_row_kernel,
         (B,),
@@ -309,19 +275,14 @@ def plan_dbr_rows(
          lam.contiguous(), d_org_t.contiguous(), d_aug_t.contiguous(),
          loss, loss, loss,
          C, 1.0 / float(temperature), float(alpha), float(grad_scale)),
-        dict(COMPUTE_LOSS=True, COMPUTE_GRAD=bool(compute_grad), SQUARED=bool(squared), BLOCK=block,
-             ALIGN=pow2_divisor(C, z.stride(0)), num_warps=warps),
+        dict(COMPUTE_LOSS=True, COMPUTE_GRAD=bool(compute_grad), SQUARED=bool(squared), **options),
     )
     return launch, (loss, grad)
 
 
-def dbr_rows_triton(
-    logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale=1.0
-):
-    """Triton implementation of ``nrrdd::dbr_loss_rows`` (lam, d_*_t: fp32 [B])."""
-    launch, out = plan_dbr_rows(
-        logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale
-    )
+def _run(planned):
+    """Run a planned launch (if any) and return its outputs."""
+    launch, out = planned
     if launch is not None:
         launch()
     return out
@@ -334,16 +295,13 @@ def dbr_rows_triton(
 
 @torch.library.custom_op("nrrdd::dbr_distances", mutates_args=())
 def _dbr_distances_op(
-    logits: torch.Tensor, y_org: torch.Tensor, y_aug: torch.Tensor, temperature: float, use_triton: bool
+    logits: torch.Tensor, y_org: torch.Tensor, y_aug: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton:
-        return dbr_distances_triton(logits, y_org, y_aug, temperature)
-    d_org, d_aug = dbr_distances_reference(logits, y_org, y_aug, temperature)
-    return d_org.contiguous(), d_aug.contiguous()
+    return _run(plan_dbr_distances(logits, y_org, y_aug, temperature))
 
 
 @_dbr_distances_op.register_fake
-def _(logits, y_org, y_aug, temperature, use_triton):
+def _(logits, y_org, y_aug, temperature):
     B = logits.shape[0]
     return (
         logits.new_empty((B,), dtype=torch.float32),
@@ -364,16 +322,14 @@ def _dbr_loss_rows_op(
     squared: bool,
     compute_grad: bool,
     grad_scale: float,
-    use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = dbr_rows_triton if use_triton else _dbr_rows_torch
-    return fn(
+    return _run(plan_dbr_rows(
         logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale
-    )
+    ))
 
 
 @_dbr_loss_rows_op.register_fake
-def _(logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale, use_triton):
+def _(logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, compute_grad, grad_scale):
     B, C = logits.shape
     loss = logits.new_empty((B,), dtype=torch.float32)
     grad = logits.new_empty((B, C) if compute_grad else (0,))
@@ -381,13 +337,12 @@ def _(logits, y_org, y_aug, lam, d_org_t, d_aug_t, alpha, temperature, squared, 
 
 
 def _dbr_setup_context(ctx, inputs, output):
-    logits = inputs[0]
-    compute_grad = inputs[9]
+    _logits, _y_org, _y_aug, _lam, _d_org_t, _d_aug_t, _alpha, _temperature, _squared, compute_grad, grad_scale = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.compute_grad = compute_grad
-    ctx.grad_scale = inputs[10]
-    ctx.logits_dtype = logits.dtype
+    ctx.grad_scale = grad_scale
+    ctx.num_inputs = len(inputs)
     ctx.save_for_backward(grad)
 
 
@@ -406,7 +361,7 @@ def _dbr_backward(ctx, grad_loss, _grad_buffer):
         g = grad * scale
     else:
         g = (grad.float() * scale).to(grad.dtype)
-    return g, None, None, None, None, None, None, None, None, None, None, None
+    return (g,) + (None,) * (ctx.num_inputs - 1)  # a gradient for the logits only
 
 
 _dbr_loss_rows_op.register_autograd(_dbr_backward, setup_context=_dbr_setup_context)
@@ -425,13 +380,11 @@ def dbr_distances(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy distances of both labels, ``(d_org, d_aug)``, fp32 [B]; no gradient."""
-    _check_args(logits, y_org, y_aug, "l1", "none")
+    _check_args(logits, y_org, y_aug)
     be = resolve_backend(backend, logits)
     with torch.no_grad():
         if be == "triton":
-            return torch.ops.nrrdd.dbr_distances(
-                logits.detach(), y_org, y_aug, float(temperature), True
-            )
+            return torch.ops.nrrdd.dbr_distances(logits.detach(), y_org, y_aug, float(temperature))
         d_org, d_aug = dbr_distances_reference(logits.detach(), y_org, y_aug, temperature)
         return d_org, d_aug
 
@@ -447,32 +400,18 @@ def _as_rows(v, B: int, device, name: str) -> torch.Tensor:
     return torch.full((B,), float(v), dtype=torch.float32, device=device)
 
 
-def dbr_loss(
-    logits: torch.Tensor,
-    y_org: torch.Tensor,
-    y_aug: torch.Tensor,
-    lam,
-    d_org_t,
-    d_aug_t,
-    *,
-    alpha: float = 1.0,
-    temperature: float = 1.0,
-    distance: str = "l1",
-    reduction: str = "mean",
-    backend: str = "auto",
-) -> torch.Tensor:
+def dbr_loss(logits, y_org, y_aug, lam, d_org_t, d_aug_t, *, backend: str = "auto", **options) -> torch.Tensor:
     """DBR loss (fp32), differentiable w.r.t. ``logits`` (see the module docstring).
 
     ``lam``: python float or [B] tensor; ``d_org_t``/``d_aug_t``: the teacher's distances
-    [B] (treated as constants).  ``reduction``: "mean", "sum" or "none" ([B]).
+    [B] (treated as constants).  ``options``: the fields of :class:`DBROptions` (``alpha=1.0``,
+    ``temperature=1.0``, ``distance="l1"``, ``reduction="mean"``).
     """
-    _check_args(logits, y_org, y_aug, distance, reduction)
+    o = DBROptions(**options)
+    _check_args(logits, y_org, y_aug, o)
     be = resolve_backend(backend, logits)
     if be == "torch":
-        return dbr_loss_reference(
-            logits, y_org, y_aug, lam, d_org_t, d_aug_t,
-            alpha=alpha, temperature=temperature, distance=distance, reduction=reduction,
-        )
+        return dbr_loss_reference(logits, y_org, y_aug, lam, d_org_t, d_aug_t, **options)
     B = logits.shape[0]
     dev = logits.device
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -483,14 +422,13 @@ def dbr_loss(
         _as_rows(lam, B, dev, "lam"),
         _as_rows(d_org_t, B, dev, "d_org_t"),
         _as_rows(d_aug_t, B, dev, "d_aug_t"),
-        float(alpha),
-        float(temperature),
-        distance == "l2",
+        float(o.alpha),
+        float(o.temperature),
+        o.distance == "l2",
         compute_grad,
-        1.0 / B if (reduction == "mean" and B > 0) else 1.0,
-        True,
+        1.0 / B if (o.reduction == "mean" and B > 0) else 1.0,
     )
-    return _reduce(rows, reduction)
+    return _reduce(rows, o.reduction)
 
 
 class DBRLoss(nn.Module):
@@ -507,10 +445,7 @@ class DBRLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if distance not in _DISTANCES:
-            raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        DBROptions(alpha, temperature, distance, reduction).check()
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.distance = distance

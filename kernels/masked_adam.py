@@ -26,7 +26,7 @@ Guarantees on masked-out pixels (``mask == 0``):
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch.autograd.graph import increment_version
@@ -34,12 +34,38 @@ from torch.optim import Optimizer
 
 from ._backend import Launch, check_backend_arg, pow2_divisor, resolve_backend, triton_available
 
-__all__ = ["masked_adam_", "masked_adam_reference_", "masked_adam_triton_", "plan_masked_adam", "MaskedAdam"]
+__all__ = [
+    "AdamStep", "masked_adam_", "masked_adam_reference_", "masked_adam_triton_", "plan_masked_adam", "MaskedAdam",
+]
 
 
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
+
+
+class AdamStep(NamedTuple):
+    """The scalars of one masked Adam step: the keyword arguments of ``masked_adam_``,
+    ``masked_adam_reference_`` and ``masked_adam_triton_`` (``step`` and ``lr`` required).
+
+    ``step``: the 1-based step count *after* incrementing, as in torch.optim.Adam; ``lo``/``hi``:
+    per-channel bounds (None, a number, or [C] values)."""
+
+    step: float
+    lr: float
+    beta1: float = 0.5
+    beta2: float = 0.9
+    eps: float = 1e-8
+    lo: Any = None
+    hi: Any = None
+
+    def scales(self) -> tuple[float, float]:
+        """``(step_size, sqrt(bias_correction2))`` = ``(lr / (1 - beta1**t), (1 - beta2**t) ** 0.5)``,
+        in torch.optim.Adam's op order."""
+        step = float(self.step)
+        bias_correction1 = 1 - self.beta1**step
+        bias_correction2 = 1 - self.beta2**step
+        return float(self.lr) / bias_correction1, bias_correction2**0.5
 
 
 def _bounds_tensors(lo, hi, C: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -81,35 +107,16 @@ def _check_shapes(x, grad, mask, exp_avg, exp_avg_sq):
 
 
 @torch.no_grad()
-def masked_adam_reference_(
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    mask: torch.Tensor | None,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float = 0.5,
-    beta2: float = 0.9,
-    eps: float = 1e-8,
-    lo=None,
-    hi=None,
-) -> None:
-    """Plain PyTorch masked Adam, in place (``step`` is the 1-based step count
-    *after* incrementing, as in torch.optim.Adam)."""
+def masked_adam_reference_(x, grad, mask, exp_avg, exp_avg_sq, **hyper) -> None:
+    """Plain PyTorch masked Adam, in place; ``hyper``: the fields of :class:`AdamStep`."""
+    h = AdamStep(**hyper)
     _check_shapes(x, grad, mask, exp_avg, exp_avg_sq)
-    step = float(step)
-    lr = float(lr)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
+    step_size, bias_correction2_sqrt = h.scales()
 
     g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    exp_avg.lerp_(g, 1 - h.beta1)
+    exp_avg_sq.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(h.eps)
 
     xs = x if x.dtype == exp_avg.dtype else x.to(exp_avg.dtype)
     # Exactly torch.optim.Adam's update where mask == 1 ...
@@ -119,7 +126,7 @@ def masked_adam_reference_(
         u = torch.zeros_like(xs).addcdiv_(exp_avg, denom, value=-step_size)
         partial = xs + mask * u
         new = torch.where(mask == 1, new, torch.where(mask == 0, xs, partial))
-    b = _bounds_tensors(lo, hi, x.shape[1], x.device)
+    b = _bounds_tensors(h.lo, h.hi, x.shape[1], x.device)
     if b is not None:
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         new = torch.minimum(torch.maximum(new, b[0].view(shape)), b[1].view(shape))
@@ -217,21 +224,9 @@ _MAX_UNROLL = 8  # images with up to this many channels are handled one image pe
 
 
 def plan_masked_adam(
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    mask: torch.Tensor | None,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float = 0.5,
-    beta2: float = 0.9,
-    eps: float = 1e-8,
-    lo=None,
-    hi=None,
+    x, grad, mask, exp_avg, exp_avg_sq, h: AdamStep
 ) -> tuple[Launch | None, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The launch of the fused kernel for these arguments, without running it.
+    """The launch of the fused kernel for these tensors and the step's scalars ``h``, without running it.
 
     Returns ``(launch, write_back)``: ``launch`` is None when there is nothing to do; ``write_back``
     pairs each in-place tensor with the contiguous tensor the kernel writes (the same tensor when it
@@ -264,7 +259,7 @@ def plan_masked_adam(
             mk = mk.contiguous()
         else:  # unusual broadcast: materialise (rare path)
             mk = mk.expand(x.shape).contiguous()
-    b = _bounds_tensors(lo, hi, C, x.device)
+    b = _bounds_tensors(h.lo, h.hi, C, x.device)
     lo_t, hi_t = (b if b is not None else (xs, xs))
 
     planes, HW, CH = N * C, n // (N * C), C if C <= _MAX_UNROLL else 1
@@ -274,16 +269,13 @@ def plan_masked_adam(
     block = min(_BLOCK, max(16, triton.next_power_of_2(HW)))
     n_blocks = triton.cdiv(HW, block)
 
-    step = float(step)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = float(lr) / bias_correction1
-    w1 = 1 - beta1
+    step_size, bc2_sqrt = h.scales()
+    w1 = 1 - h.beta1
     launch = Launch(
         _masked_adam_kernel,
         ((planes // CH) * n_blocks,),
         (xs, gs, ms, vs, mk, lo_t, hi_t, C, HW, n_blocks,
-         w1, 1 - w1, beta2, 1 - beta2, bias_correction2**0.5, eps, -step_size),
+         w1, 1 - w1, h.beta2, 1 - h.beta2, bc2_sqrt, h.eps, -step_size),
         dict(CH=CH, LERP_SMALL=abs(w1) < 0.5, HAS_MASK=has_mask, MASK_BCAST=bcast, HAS_BOUNDS=b is not None,
              IDX64=n + block >= 2**31, BLOCK=block, ALIGN=pow2_divisor(HW), num_warps=4),
     )
@@ -291,25 +283,8 @@ def plan_masked_adam(
 
 
 @torch.no_grad()
-def masked_adam_triton_(
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    mask: torch.Tensor | None,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float = 0.5,
-    beta2: float = 0.9,
-    eps: float = 1e-8,
-    lo=None,
-    hi=None,
-) -> None:
-    """Launch the fused Triton kernel (same semantics as the reference)."""
-    launch, write_back = plan_masked_adam(
-        x, grad, mask, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi
-    )
+def _run_triton(x, grad, mask, exp_avg, exp_avg_sq, h: AdamStep) -> None:
+    launch, write_back = plan_masked_adam(x, grad, mask, exp_avg, exp_avg_sq, h)
     if launch is None:
         return
     launch()
@@ -320,48 +295,39 @@ def masked_adam_triton_(
             increment_version(dst)
 
 
+def masked_adam_triton_(x, grad, mask, exp_avg, exp_avg_sq, **hyper) -> None:
+    """Launch the fused Triton kernel (same semantics as the reference; ``hyper``: the fields of
+    :class:`AdamStep`)."""
+    _run_triton(x, grad, mask, exp_avg, exp_avg_sq, AdamStep(**hyper))
+
+
 # ----------------------------------------------------------------------------
 # public functional API
 # ----------------------------------------------------------------------------
 
 
-def masked_adam_(
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    mask: torch.Tensor | None,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float = 0.5,
-    beta2: float = 0.9,
-    eps: float = 1e-8,
-    lo=None,
-    hi=None,
-    backend: str = "auto",
-) -> None:
+def masked_adam_(x, grad, mask, exp_avg, exp_avg_sq, *, backend: str = "auto", **hyper) -> None:
     """One masked Adam step, in place on ``x``, ``exp_avg``, ``exp_avg_sq``.
 
     ``x, grad, exp_avg, exp_avg_sq``: [N, C, H, W]; ``mask``: [N, 1, H, W] (broadcast
     over channels) or [N, C, H, W], any dtype (bool, uint8, float), or None (= all ones);
-    ``lo``/``hi``: None or per-channel [C] bounds.  ``step`` is the 1-based step count.
+    ``hyper``: the fields of :class:`AdamStep` (``step``, ``lr``, ``beta1=0.5``, ``beta2=0.9``,
+    ``eps=1e-8``, per-channel bounds ``lo=None``, ``hi=None``).
     """
     be = resolve_backend(backend, x, grad, exp_avg, exp_avg_sq, mask)
-    if be == "triton":
-        # through the registered op: opaque to torch.compile (no graph break), mutation declared
-        b = _bounds_tensors(lo, hi, x.shape[1], x.device)
-        torch.ops.nrrdd.masked_adam_triton_(
-            x, grad, mask, exp_avg, exp_avg_sq, float(step), float(lr), float(beta1), float(beta2), float(eps),
-            b[0] if b is not None else None, b[1] if b is not None else None,
-        )
-    else:  # plain PyTorch: traceable, so torch.compile fuses it itself
-        masked_adam_reference_(
-            x, grad, mask, exp_avg, exp_avg_sq,
-            step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi,
-        )
+    if be != "triton":  # plain PyTorch: traceable, so torch.compile fuses it itself
+        masked_adam_reference_(x, grad, mask, exp_avg, exp_avg_sq, **hyper)
+        return
+    # through the registered op: opaque to torch.compile (no graph break), mutation declared
+    h = AdamStep(**hyper)
+    lo, hi = _bounds_tensors(h.lo, h.hi, x.shape[1], x.device) or (None, None)
+    torch.ops.nrrdd.masked_adam_triton_(
+        x, grad, mask, exp_avg, exp_avg_sq, float(h.step), float(h.lr), float(h.beta1), float(h.beta2), float(h.eps),
+        lo, hi,
+    )
 
 
+# an operator's schema needs its scalars spelled out: the one place besides AdamStep that lists them
 @torch.library.custom_op("nrrdd::masked_adam_triton_", mutates_args=("x", "exp_avg", "exp_avg_sq"))
 def _masked_adam_triton_op(
     x: torch.Tensor,
@@ -377,12 +343,11 @@ def _masked_adam_triton_op(
     lo: Optional[torch.Tensor],
     hi: Optional[torch.Tensor],
 ) -> None:
-    masked_adam_triton_(x, grad, mask, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        lo=lo, hi=hi)
+    _run_triton(x, grad, mask, exp_avg, exp_avg_sq, AdamStep(step, lr, beta1, beta2, eps, lo, hi))
 
 
 @_masked_adam_triton_op.register_fake
-def _(x, grad, mask, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lo, hi) -> None:
+def _(*args) -> None:  # returns nothing: the op only writes its inputs
     return None
 
 
