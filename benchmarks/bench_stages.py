@@ -68,18 +68,16 @@ def _class_subset(train, k: int):
 def measure_set_memory(p: dict) -> dict:
     """How many copies of the synthetic set one phase of writing it out holds at its peak: ``n`` random images of
     3 x ``size`` x ``size``; ``phase`` "refine": refined for ``iterations`` steps as ``nrrdd distill`` does
-    (into the same tensor when the library allows it); "write": written as a PNG folder + safetensors. The
+    (into the same tensor); "write": written as a PNG folder + safetensors. The
     process's peak resident memory (``ru_maxrss``, exact) above what it held before the set existed, in units of
     the set's fp32 bytes. The teacher is tiny on purpose (one conv layer, BatchNorm, GAP + linear: original CAM)
     so that the set, not the network's activations, fills memory, as at ImageNet scale where the set is tens of
     GB."""
-    import inspect
     import resource
-    import types
 
     from nrrdd.data import Normalizer
-    from nrrdd.pipeline import write_synthetic
-    from nrrdd.refine import refine
+    from nrrdd.rundir import write_synthetic
+    from nrrdd.refine import RefineSettings, refine
 
     torch.set_num_threads(p["threads"])
     n, s = p["n"], p["size"]
@@ -89,8 +87,8 @@ def measure_set_memory(p: dict) -> dict:
         q.requires_grad_(False)
     norm = Normalizer([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     if p["phase"] == "refine":      # the teacher's one forward/backward pass before the baseline: its buffers
-        refine(teacher, torch.zeros(100, 3, s, s), torch.arange(100) % 10, norm.lo, norm.hi, iterations=1,
-               show_progress=False)
+        refine(teacher, torch.zeros(100, 3, s, s), torch.arange(100) % 10, (norm.lo, norm.hi),
+               RefineSettings(iterations=1))
     base = _rss_now()
     g = torch.Generator().manual_seed(0)
     images = torch.rand(n, 3, s, s, generator=g)         # normalised in place: one copy, also at its making
@@ -99,14 +97,12 @@ def measure_set_memory(p: dict) -> dict:
     set_bytes = images.numel() * 4
     t = time.perf_counter()
     if p["phase"] == "refine":
-        kw = {"out": images} if "out" in inspect.signature(refine).parameters else {}
-        refine(teacher, images, labels, norm.lo, norm.hi, iterations=p["iterations"], batch_size=100,
-               show_progress=False, **kw)
+        refine(teacher, images, labels, (norm.lo, norm.hi), RefineSettings(iterations=p["iterations"], batch_size=100),
+               out=images)
     else:
         masks = torch.rand(n, 1, s, s, generator=g)
-        sp = types.SimpleNamespace(normalizer=norm, classes=[f"{c:05d}" for c in range(10)])
         with tempfile.TemporaryDirectory() as d:
-            write_synthetic(Path(d), images, labels, masks, sp)
+            write_synthetic(Path(d), images, labels, masks, norm, [f"{c:05d}" for c in range(10)])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"set_bytes": set_bytes, "copies": (peak - base) / set_bytes, "peak_rss": peak,
             "seconds": time.perf_counter() - t}
@@ -118,7 +114,8 @@ def measure_feed(p: dict) -> dict:
     (memory-mapped), with the set copied whole to the device (``on_device``) or streamed from host memory.
     Returns samples/s of the epochs after the first, peak RSS and, on CUDA, peak device memory."""
     from nrrdd.io import atomic_save_safetensors, load_safetensors
-    from nrrdd.train import train_student
+    from nrrdd.runtime import Runtime
+    from nrrdd.train import StudentSettings, train_student
 
     torch.set_num_threads(p["threads"])
     dev = torch.device(p["device"])
@@ -128,16 +125,16 @@ def measure_feed(p: dict) -> dict:
         atomic_save_safetensors(Path(d) / "s.safetensors", {"images": torch.randn(n, 3, s, s, generator=g)})
         images, labels = load_safetensors(Path(d) / "s.safetensors")[0]["images"], torch.arange(n) % 10
         torch.manual_seed(0)
-        kw = dict(mode="hard", batch_size=p["batch_size"], seed=0, factor=2, device=dev, show_progress=False,
-                  set_on_device=p["on_device"], precision=p["precision"])
+        kw = dict(mode="hard", batch_size=p["batch_size"], seed=0, factor=2, set_on_device=p["on_device"])
+        rt = Runtime(device=dev, precision=p["precision"], show_progress=False)
         student = _TinyTeacher()
-        train_student(student, images, labels, epochs=1, **kw)            # warm-up (and the page cache)
+        train_student(student, images, labels, StudentSettings(epochs=1, **kw), rt)   # warm-up (and the page cache)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         with PeakMemory() as mem:
             t = time.perf_counter()
-            train_student(student, images, labels, epochs=p["epochs"], **kw)
+            train_student(student, images, labels, StudentSettings(epochs=p["epochs"], **kw), rt)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             out = {"work": n * p["epochs"], "seconds": time.perf_counter() - t, "set_bytes": images.numel() * 4}
@@ -173,11 +170,12 @@ def measure(p: dict) -> dict:
     if p["stage"] == "feed":
         return measure_feed(p)
     from nrrdd.data import load_splits
-    from nrrdd.discover import discover
+    from nrrdd.discover import DiscoverSettings, discover
     from nrrdd.models import build_model, load_model
-    from nrrdd.refine import refine
-    from nrrdd.relabel import relabel, save_labels
-    from nrrdd.train import evaluate, train_student
+    from nrrdd.refine import RefineSettings, refine
+    from nrrdd.relabel import RelabelSettings, relabel, save_labels
+    from nrrdd.runtime import Runtime
+    from nrrdd.train import StudentSettings, evaluate, train_student
 
     torch.set_num_threads(p["threads"])
     dev = torch.device(p["device"])
@@ -190,6 +188,7 @@ def measure(p: dict) -> dict:
     for q in teacher.parameters():
         q.requires_grad_(False)
     prec = p["precision"]
+    rt = Runtime(device=dev, precision=prec, show_progress=False)
     ipc, stage = p["ipc"], p["stage"]
     out: dict = {}
 
@@ -200,18 +199,17 @@ def measure(p: dict) -> dict:
     with PeakMemory() as mem:
         t = time.perf_counter()
         if stage == "discover":
-            discover("nrrdd", teacher, train, sp.normalizer, ipc=ipc, mipc=p["mipc"], num_crop=5, factor=1, seed=0,
-                     device=dev, precision=prec, show_progress=False)
+            discover(teacher, train, sp.normalizer,
+                     DiscoverSettings(method="nrrdd", ipc=ipc, mipc=p["mipc"], num_crop=5, factor=1, seed=0), rt)
             out["work"] = k * p["mipc"]
         elif stage == "refine":
             x, y = syn_set()
-            refine(teacher, x, y, sp.normalizer.lo, sp.normalizer.hi, iterations=p["iterations"], device=dev,
-                   precision=prec, show_progress=False)
+            refine(teacher, x, y, (sp.normalizer.lo, sp.normalizer.hi), RefineSettings(iterations=p["iterations"]), rt)
             out["work"] = len(x) * p["iterations"]
         elif stage == "relabel":
             x, y = syn_set()
-            labels = relabel(teacher, x, y, mode=p["mode"], epochs=p["epochs"], seed=0, factor=1, device=dev,
-                             precision=prec, batch_size=50, show_progress=False)
+            labels = relabel(teacher, x, y, RelabelSettings(mode=p["mode"], epochs=p["epochs"], seed=0, factor=1,
+                                                            batch_size=50), rt)
             out["work"] = len(x) * p["epochs"]
             with tempfile.TemporaryDirectory() as d:
                 f = save_labels(Path(d) / "l.safetensors", labels, mode=p["mode"], seed=0, factor=1,
@@ -221,17 +219,18 @@ def measure(p: dict) -> dict:
             x, y = syn_set()
             student = build_model("conv3", k, 1, 28)
             ep = p["epochs"]
-            kw = dict(mode="online", batch_size=50, seed=0, factor=1, teacher=teacher, device=dev, precision=prec,
-                      compile=p["compile"], show_progress=False)
-            train_student(student, x, y, epochs=1, **kw)       # first epoch: compiles (when on), warms up
+            kw = dict(mode="online", batch_size=50, seed=0, factor=1, compile=p["compile"])
+            # first epoch: compiles (when on), warms up
+            train_student(student, x, y, StudentSettings(epochs=1, **kw), rt, teacher=teacher)
             first = time.perf_counter() - t
             t = time.perf_counter()
-            train_student(student, x, y, epochs=ep, **kw)
+            train_student(student, x, y, StudentSettings(epochs=ep, **kw), rt, teacher=teacher)
             out["work"] = len(x) * ep
             out["first_epoch_s"] = first
         elif stage == "evaluate":
             test = sp.test.subset(torch.arange(p["eval_images"]))
-            evaluate(teacher, test, sp.normalizer, device=dev, precision=prec, loader="torch")
+            evaluate(teacher, test, sp.normalizer, Runtime(device=dev, precision=prec, loader="torch",
+                                                            show_progress=False))
             out["work"] = p["eval_images"]
         else:
             raise ValueError(stage)

@@ -43,6 +43,7 @@ class Finding:
 def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
     from .data import DatasetLayoutError, DatasetNotFound, FolderImageSet, check_image_file
     from .pipeline import _SPLITS_CACHE, _data_key, load_teacher, make_context
+    from .runtime import Runtime
     from .train import evaluate
 
     out: list[Finding] = []
@@ -110,8 +111,9 @@ def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
     # 5. teacher accuracy on a validation subset
     if teacher is not None and len(sp.val):
         n = min(val_images, len(sp.val))
-        acc = evaluate(teacher, sp.val.subset(torch.arange(n)), sp.normalizer, batch_size=cfg.eval_batch_size,
-                       device=ctx.device, precision=ctx.precision, loader=cfg.loader, workers=cfg.loader_workers)
+        rt = Runtime(device=ctx.device, precision=ctx.precision, loader=cfg.loader, workers=cfg.loader_workers,
+                     show_progress=False)
+        acc = evaluate(teacher, sp.val.subset(torch.arange(n)), sp.normalizer, rt, batch_size=cfg.eval_batch_size)
         chance = 100.0 / len(sp.classes)
         if acc < 2 * chance:
             add("error", "teacher accuracy", f"top-1 {acc:.1f}% on {n} validation images, near chance "
@@ -128,7 +130,9 @@ def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
                     "resized otherwise (--input-size)")
 
     # 6. output folder
-    if (Path(cfg.out) / "synthetic.safetensors").exists():
+    from .rundir import RunDir
+
+    if RunDir(cfg.out).synthetic.exists():
         add("warning", "output", f"{cfg.out} already holds a synthetic set: distill would refuse to overwrite it "
                                  "(choose another --out)")
     # 7. memory and disk for a set of this size
@@ -215,7 +219,7 @@ TOP1_GAP = 10.0      # points below the teacher's recorded test top-1 that `chec
 
 
 def _recorded_top1(teacher: str | None) -> float | None:
-    from .pipeline import teacher_meta_path
+    from .rundir import teacher_meta_path
 
     meta = teacher_meta_path(teacher) if teacher else None
     if meta is None or not meta.exists():

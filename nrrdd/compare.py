@@ -26,6 +26,7 @@ from . import pipeline, sheets
 from .config import NOT_DISTILL, RunConfig
 from .io import atomic_write_json, atomic_write_text, file_sha256
 from .relabel import STORED                # label modes read from a `relabel` file
+from .rundir import RunDir, teacher_meta_path
 
 DEFAULT_ROWS = ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr", "nrrdd:hard"]
 LABEL_MODES = ("online", "soft", "dbr", "hard")
@@ -108,7 +109,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     sheet_path = None
     if sheet:
         sets = {m: out / f"ipc{ipcs[0]}_s{seeds[0]}_{m}" for m, _ in grid_rows}
-        sets = {m: d for m, d in sets.items() if (d / "synthetic.safetensors").exists()}
+        sets = {m: d for m, d in sets.items() if RunDir(d).synthetic.exists()}
         if sets:
             sheet_path = sheets.method_sheet(sets, out / "sheet_compare.png",
                                              title=f"first synthetic image per class, IPC {ipcs[0]}, seed {seeds[0]}")
@@ -143,14 +144,15 @@ def _run(cfg: RunConfig, syn: Path, results: Path, where: str, teacher_sha: str,
     cfg = cfg.replace(resume=True)
     method, labels = cfg.method, cfg.labels
     times: dict[str, float] = {}
-    if (syn / "synthetic.safetensors").exists() and (syn / "manifest_distill.json").exists():
+    run = RunDir(syn)
+    if run.synthetic.exists() and run.manifest("distill").exists():
         _check_reusable(cfg, syn, teacher_sha)             # a finished distillation (its manifest is written last)
     else:
         print(f"distilling with {method}{where} ...")
         times.update(pipeline.run_distill(cfg, show_progress=show_progress, ctx=ctx)["timings"])
-    if labels in STORED and not (syn / f"labels_{labels}.safetensors").exists():
+    if labels in STORED and not run.labels(labels).exists():
         times.update(pipeline.run_relabel(cfg, syn, labels, show_progress=show_progress, ctx=ctx)["timings"])
-    eval_file = syn / f"eval_{pipeline.eval_tag(cfg, labels)}.json"
+    eval_file = run.evaluation(pipeline.eval_tag(cfg, labels))
     if eval_file.exists():
         raise FileExistsError(f"{eval_file} exists but {results} has no such run: another run (other --results, "
                               "or other student settings) evaluated this synthetic set. Use another --out, or "
@@ -166,10 +168,11 @@ def _run(cfg: RunConfig, syn: Path, results: Path, where: str, teacher_sha: str,
 def _check_reusable(cfg: RunConfig, syn: Path, teacher_sha: str) -> None:
     """A synthetic set on disk is reused only if it was distilled by the same teacher with the same settings."""
     now = json.loads(json.dumps(cfg.to_dict()))            # tuples as lists, as config.json holds them
-    saved = json.loads((syn / "config.json").read_text()) if (syn / "config.json").exists() else {}
+    run = RunDir(syn)
+    saved = json.loads(run.config.read_text()) if run.config.exists() else {}
     diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in sorted(now)
             if k in saved and k not in NOT_DISTILL and saved[k] != now[k]]
-    manifest = syn / "manifest_distill.json"
+    manifest = run.manifest("distill")
     sha = json.loads(manifest.read_text()).get("teacher_sha256") if manifest.exists() else None
     if sha and sha != teacher_sha:
         diff.append(f"teacher sha256 {sha[:12]}... (now {teacher_sha[:12]}...)")
@@ -181,10 +184,11 @@ def _check_reusable(cfg: RunConfig, syn: Path, teacher_sha: str) -> None:
 def stage_seconds(cfg: RunConfig, syn: Path) -> dict[str, float]:
     """Seconds per stage of one row as its stage files recorded them (missing files: stage left out)."""
     s: dict[str, float] = {}
-    for name in ("manifest_distill.json", f"manifest_relabel_{cfg.labels}.json"):
-        if (syn / name).exists():
-            s.update(json.loads((syn / name).read_text()).get("timings", {}))
-    eval_file = syn / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
+    run = RunDir(syn)
+    for manifest in (run.manifest("distill"), run.manifest(f"relabel_{cfg.labels}")):
+        if manifest.exists():
+            s.update(json.loads(manifest.read_text()).get("timings", {}))
+    eval_file = run.evaluation(pipeline.eval_tag(cfg, cfg.labels))
     if eval_file.exists():
         s["train"] = json.loads(eval_file.read_text())["timings"]["train"]
     return s
@@ -194,7 +198,7 @@ def full_hard_top1(cfg: RunConfig) -> float | None:
     """Top-1 of the student architecture trained with hard labels on the whole training split: the teacher's
     test top-1 (teacher.json) when the teacher is that architecture (train-teacher trains on hard labels), else
     None (unknown)."""
-    meta = pipeline.teacher_meta_path(cfg.teacher) if cfg.teacher else None
+    meta = teacher_meta_path(cfg.teacher) if cfg.teacher else None
     if meta is None or not meta.exists() or cfg.student != cfg.arch:
         return None
     m = json.loads(meta.read_text())

@@ -88,7 +88,8 @@ class RunConfig:
     crop_min_side: int = _f(0, "discovery: no crop smaller than this many px a side (raises --crop-scale's lower "
                             "bound to (side / input size)^2); 0: off", "discover")
     whole_image: bool = _f(False, "discovery (rded, nrrdd): the whole image is one more candidate crop of every image "
-                           "(nrrdd's CAM ratio is 1 for it, the highest: CIDD then keeps whole images only)", "discover")
+                           "(nrrdd's CAM ratio is 1 for it, the highest: CIDD then keeps whole images only)",
+                           "discover")
     cam: str = _f("auto", "auto (CAM where exact, else Grad-CAM) | cam | gradcam", "discover",
                   ("auto", "cam", "gradcam"))
     cidd_keep: str = _f("low", "nrrdd discovery: rank candidates by confidence ascending (low, the paper) or "

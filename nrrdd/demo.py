@@ -15,6 +15,7 @@ from . import pipeline
 from .compare import DEFAULT_ROWS, run_compare
 from .config import RunConfig
 from .io import atomic_write_json
+from .rundir import RunDir, teacher_meta_path
 from .sheets import mask_sheet
 
 # The demo's own settings, applied unless the user gave the flag.
@@ -33,12 +34,12 @@ def ensure_teacher(cfg: RunConfig) -> tuple[RunConfig, dict]:
     so it has never seen the validation images of this run."""
     fingerprint = pipeline.make_context(cfg).splits.fingerprint()
     tdir = _teacher_dir(cfg)
-    meta_path = pipeline.teacher_meta_path(tdir / "teacher.pt")
+    meta_path = teacher_meta_path(RunDir(tdir).teacher)
     if meta_path.exists() and json.loads(meta_path.read_text()).get("dataset_fingerprint") != fingerprint:
         tdir = tdir.with_name(f"{tdir.name}_{fingerprint[:10]}")
-    ckpt = tdir / "teacher.pt"
-    if ckpt.exists() and pipeline.teacher_meta_path(ckpt).exists():
-        meta = json.loads(pipeline.teacher_meta_path(ckpt).read_text())
+    ckpt = RunDir(tdir).teacher
+    if ckpt.exists() and teacher_meta_path(ckpt).exists():
+        meta = json.loads(teacher_meta_path(ckpt).read_text())
         print(f"reusing teacher {ckpt} (test top-1 {meta['test_top1']:.2f}%)")
         return cfg.replace(teacher=str(ckpt)), {"test_top1": meta["test_top1"], "reused": True}
     print(f"training teacher {cfg.arch} on {cfg.dataset} ({cfg.teacher_epochs} epochs) -> {ckpt}")

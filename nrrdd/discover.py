@@ -24,10 +24,10 @@ import torch.nn as nn
 
 from .augment import STREAM_DISCOVER, STREAM_NOISE, STREAM_SELECT, pad_to, random_resized_boxes, rng, stitch
 from .cam import class_activation_map
+from .config import RunConfig
 from .data import ImageSet, Normalizer
-from .dist import SINGLE, Dist
 from .loaders import PatchSource
-from .runtime import autocast, progress
+from .runtime import QUIET, Runtime, autocast, progress
 
 
 @dataclass
@@ -171,27 +171,40 @@ def noise_init(n_classes: int, ipc: int, channels: int, size: int, seed: int, no
     return Discovery(torch.cat(images), labels, sources)
 
 
-def discover(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
-             mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
-             keep: str = "low", quantile: float = 0.0, correct_only: bool = False, whole_image: bool = False,
-             batch_size: int = 256, device: torch.device | str = "cpu",
-             precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2,
-             dist: Dist = SINGLE, rows: torch.Tensor | None = None) -> Discovery:
+@dataclass(frozen=True)
+class DiscoverSettings:
+    """Stage 1's settings (the RunConfig fields it reads, by the names the selection uses)."""
+    method: str                     # nrrdd | rded | random | sre2l
+    ipc: int
+    mipc: int
+    num_crop: int
+    factor: int
+    seed: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    cam: str = "auto"
+    keep: str = "low"
+    quantile: float = 0.0
+    correct_only: bool = False
+    whole_image: bool = False
+    batch_size: int = 256
+
+    @classmethod
+    def of(cls, cfg: RunConfig, *, factor: int, size: int) -> "DiscoverSettings":
+        """``cfg``'s discovery on ``size`` px images (``--crop-min-side`` raises the crop scale's lower bound)."""
+        return cls(method=cfg.method, ipc=cfg.ipc, mipc=cfg.mipc, num_crop=cfg.num_crop, factor=factor, seed=cfg.seed,
+                   crop_scale=crop_scale_for(size, cfg.crop_scale, cfg.crop_min_side), cam=cfg.cam,
+                   keep=cfg.cidd_keep, quantile=cfg.cidd_quantile, correct_only=cfg.cidd_correct,
+                   whole_image=cfg.whole_image, batch_size=cfg.discover_batch_size)
+
+
+def discover(teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, settings: DiscoverSettings,
+             rt: Runtime = QUIET, *, rows: torch.Tensor | None = None) -> Discovery:
     """Run stage 1 for every class: :func:`select`, then :func:`assemble` (``rows``: only those images)."""
-    d = select(method, teacher, train, normalizer, ipc=ipc, mipc=mipc, num_crop=num_crop, factor=factor, seed=seed,
-               crop_scale=crop_scale, cam=cam, keep=keep, quantile=quantile, correct_only=correct_only,
-               whole_image=whole_image, batch_size=batch_size, device=device, precision=precision,
-               show_progress=show_progress, loader=loader, workers=workers, dist=dist)
-    return assemble(d, train, normalizer, factor=factor, rows=rows, batch_size=batch_size, device=device,
-                    loader=loader, workers=workers)
+    return assemble(select(teacher, train, normalizer, settings, rt), train, normalizer, settings, rt, rows=rows)
 
 
-def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, *, ipc: int,
-           mipc: int, num_crop: int, factor: int, seed: int, crop_scale=(0.08, 1.0), cam: str = "auto",
-           keep: str = "low", quantile: float = 0.0, correct_only: bool = False, whole_image: bool = False,
-           batch_size: int = 256, device: torch.device | str = "cpu",
-           precision: str = "fp32", show_progress: bool = True, loader: str = "auto", workers: int = 2,
-           dist: Dist = SINGLE) -> Discovery:
+def select(teacher: nn.Module | None, train: ImageSet, normalizer: Normalizer, settings: DiscoverSettings,
+           rt: Runtime = QUIET) -> Discovery:
     """Stage 1's choice for every class: which crop of which image goes into which slot (``sources``), without
     the pixels (``images`` is None; :func:`assemble` cuts them). For ``sre2l``: the noise images themselves.
 
@@ -209,6 +222,9 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
     left) and the window runs over the correctly classified ones. ``whole_image``: the whole image is one
     more candidate crop of every image (for ``rded`` and ``nrrdd``).
     """
+    st, dist = settings, rt.dist
+    method, ipc, mipc, factor, seed, batch_size = st.method, st.ipc, st.mipc, st.factor, st.seed, st.batch_size
+    keep, quantile, correct_only = st.keep, st.quantile, st.correct_only
     if keep not in ("low", "high"):
         raise ValueError(f"keep must be 'low' or 'high', not {keep!r}")
     if not 0.0 <= quantile <= 1.0:
@@ -235,7 +251,7 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
         boxes_fn = lambda i: full  # noqa: E731
         cands = [cand[:2 * n_patch] for cand in cands]
     else:
-        boxes_fn = lambda i: candidate_boxes(seed, i, num_crop, S, crop_scale, whole_image)  # noqa: E731
+        boxes_fn = lambda i: candidate_boxes(seed, i, st.num_crop, S, st.crop_scale, st.whole_image)  # noqa: E731
     order = torch.cat(cands)
     position = torch.empty(int(order.max()) + 1, dtype=torch.long)
     position[order] = torch.arange(len(order))
@@ -244,10 +260,10 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
     window = method == "nrrdd" and (quantile > 0 or correct_only)
     n_keep = max(len(c) for c in cands) if window else n_patch
     # dist: batch k of the (screened) stream goes to rank k % world, holding exactly what it holds in one process
-    src = PatchSource(train, order, normalizer, crop_size=s, boxes=boxes_fn, loader=loader, batch_size=batch_size,
-                      workers=workers, device=device, dist=dist)
+    src = PatchSource(train, order, normalizer, crop_size=s, boxes=boxes_fn, loader=rt.loader, batch_size=batch_size,
+                      workers=rt.workers, device=rt.device, dist=dist)
     kept = [_Kept(n_keep, descending) for _ in range(n_classes)]
-    for batch in progress(src, desc=f"discover[{method}]", enable=show_progress and dist.is_main,
+    for batch in progress(src, desc=f"discover[{method}]", enable=rt.show_progress and dist.is_main,
                           total=-(-len(order) // batch_size // dist.world)):
         if method == "random":
             best = torch.zeros(len(batch.index), dtype=torch.long)
@@ -255,7 +271,7 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
             key = position[batch.index].float()
         else:
             best, score, correct = score_candidates(method, teacher, batch.image, batch.crops, batch.boxes,
-                                                    batch.label, cam, precision)
+                                                    batch.label, st.cam, rt.precision)
             best, score = best.cpu(), score.float().cpu()
             key = score
             if window and correct_only:     # confidences lie in [0, 1]: misclassified crops rank after the rest
@@ -291,9 +307,8 @@ def select(method: str, teacher: nn.Module | None, train: ImageSet, normalizer: 
                      skipped=[{"file": p, "reason": r} for p, r in skipped], loader=src.backend)
 
 
-def assemble(d: Discovery, train: ImageSet, normalizer: Normalizer, *, factor: int, rows: torch.Tensor | None = None,
-             batch_size: int = 256, device: torch.device | str = "cpu", loader: str = "auto",
-             workers: int = 2) -> Discovery:
+def assemble(d: Discovery, train: ImageSet, normalizer: Normalizer, settings: DiscoverSettings, rt: Runtime = QUIET,
+             *, rows: torch.Tensor | None = None) -> Discovery:
     """The pixels of a selection: each kept crop cut again from its image (the same decoding, box and resize
     as while scoring, so the same bits) and stitched, RDED's layout, in pixel units.
 
@@ -301,6 +316,7 @@ def assemble(d: Discovery, train: ImageSet, normalizer: Normalizer, *, factor: i
     no memory is touched for them) and ``d.rows`` says which are valid. None: all."""
     if d.images is not None:                        # sre2l: the noise is the selection
         return d
+    factor = settings.factor
     S = train.size
     s = S // factor
     n_images = len(d.labels)
@@ -314,8 +330,8 @@ def assemble(d: Discovery, train: ImageSet, normalizer: Normalizer, *, factor: i
     patch: dict[int, torch.Tensor] = {}
     if entries:
         src = PatchSource(train, torch.tensor([d.sources[e]["image"] for e in entries]), normalizer, crop_size=s,
-                          boxes=box_of.__getitem__, loader=loader, batch_size=batch_size, workers=workers,
-                          device=device)
+                          boxes=box_of.__getitem__, loader=rt.loader, batch_size=settings.batch_size,
+                          workers=rt.workers, device=rt.device)
         for b in src:
             for i, crop in zip(b.index.tolist(), b.crops[:, 0]):
                 patch[i] = crop

@@ -14,7 +14,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -221,19 +220,6 @@ def versions() -> dict[str, str]:
     except Exception:  # noqa: BLE001 - triton is optional on CPU
         pass
     return v
-
-
-def write_manifest(out_dir: str | Path, *, stage: str, config: dict[str, Any], **facts: Any) -> Path:
-    """The run manifest: what ran, on what, from which inputs. Written next to the stage's outputs."""
-    manifest = {
-        "stage": stage,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": versions(),
-        "seed": config.get("seed"),
-        "config": config,
-        **facts,
-    }
-    return atomic_write_json(Path(out_dir) / f"manifest_{stage}.json", manifest)
 
 
 def refuse_overwrite(path: str | Path, what: str) -> None:

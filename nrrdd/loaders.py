@@ -16,7 +16,7 @@ On the 20 ImageNet JPEGs of the ``foolbox`` wheel the two agree to a mean absolu
 differ by up to ~20 levels where the two libraries' filter windows differ at high-contrast edges.
 
 In-memory datasets (Fashion-MNIST, MNIST, CIFAR) always take the torch path without workers and cut
-crops with :func:`nrrdd.augment.crop_resize` (``roi_align``), as the results in the README were made.
+crops with :func:`nrrdd.augment.crop_resize` (``roi_align``), as the results in docs/results.md were made.
 
 Bad files: every file is screened first (:func:`nrrdd.data.check_image_file`; cheap, no decoding), and a
 file whose decoding still fails is skipped too. Skipped files are listed in ``source.skipped`` as

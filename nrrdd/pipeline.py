@@ -21,28 +21,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .cam import require_cam
 from .config import NOT_DISTILL, RUNTIME_FIELDS, RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
-from .discover import Discovery, assemble, crop_scale_for, select
+from .discover import DiscoverSettings, assemble, select
 from .dist import SINGLE, Dist, setup as setup_dist
-from .io import (ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
-                 ensure_writable, file_sha256, load_safetensors, refuse_overwrite, safetensors_header, tensor_sha256,
-                 write_manifest)
+from .io import (ChunkStore, atomic_torch_save, atomic_write_json, ensure_writable, file_sha256, refuse_overwrite,
+                 safetensors_header, tensor_sha256)
 from .models import build_model, load_model, parse_model_kwargs
-from .refine import refine, rows_of_rank
-from .relabel import LabelParts, load_labels, relabel
-from .runtime import resolve_device, resolve_precision, set_threads
-from .train import TrainCheckpoint, evaluate, train_student, train_teacher
+from .refine import RefineSettings, refine, rows_of_rank
+from .relabel import LabelParts, RelabelSettings, load_labels, relabel
+from .rundir import (DiscoveryStore, RunDir, read_synthetic, teacher_meta_path, unfinished_set, write_manifest,
+                     write_synthetic)
+from .runtime import Runtime, resolve_device, resolve_precision, set_threads
+from .train import StudentSettings, TeacherSettings, TrainCheckpoint, evaluate, train_student, train_teacher
 
 
 @dataclass
@@ -97,10 +96,16 @@ def _provenance(ctx: Context) -> dict:
     return facts
 
 
-def _eval_kw(ctx: Context, skipped: list | None = None) -> dict:
-    cfg = ctx.cfg
-    return dict(batch_size=cfg.eval_batch_size, device=ctx.device, precision=ctx.precision, loader=cfg.loader,
-                workers=cfg.loader_workers, skipped=skipped, dist=ctx.dist)
+def _runtime(ctx: Context, show_progress: bool = True) -> Runtime:
+    """How this run's stages run: its device, precision, processes and loader."""
+    return Runtime(device=ctx.device, precision=ctx.precision, dist=ctx.dist, loader=ctx.cfg.loader,
+                   workers=ctx.cfg.loader_workers, show_progress=show_progress)
+
+
+def _evaluate(ctx: Context, model: torch.nn.Module, data, skipped: list) -> float:
+    """``model``'s top-1 on ``data`` (the test or validation images) in this run's way."""
+    return evaluate(model, data, ctx.splits.normalizer, _runtime(ctx, show_progress=False),
+                    batch_size=ctx.cfg.eval_batch_size, skipped=skipped)
 
 
 def _identity(ctx: Context, ignore: frozenset[str] = RUNTIME_FIELDS, **inputs) -> dict:
@@ -132,16 +137,13 @@ def _timed(ctx: Context, name: str):
 
 
 # --- teacher -------------------------------------------------------------------------------------------
-def teacher_meta_path(ckpt: str | Path) -> Path:
-    return Path(ckpt).with_suffix(".json")
-
-
 def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     ctx = make_context(cfg)
     if ctx.dist.active:
         raise ValueError("train-teacher runs in one process: start it without torchrun")
     out = Path(cfg.out)
-    ckpt = out / "teacher.pt"
+    run = RunDir(out)
+    ckpt = run.teacher
     refuse_overwrite(ckpt, "a teacher checkpoint")
     ensure_writable(out)
     sp = ctx.splits
@@ -149,23 +151,20 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
     skipped: list = []
     # a teacher epoch is a pass over the whole training set: its state is saved after each
-    state = TrainCheckpoint(out / "checkpoint_teacher.pt", _identity(ctx), every=1)
+    state = TrainCheckpoint(run.teacher_state, _identity(ctx), every=1)
     _refuse_leftover(cfg, state.path.exists(), f"{state.path} holds the state of an interrupted teacher training")
     with _timed(ctx, "train"):
-        train_teacher(model, sp.train, sp.normalizer, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
-                      batch_size=cfg.teacher_batch_size, weight_decay=cfg.teacher_weight_decay, seed=cfg.seed,
-                      flip=cfg.dataset != "mnist",
-                      device=ctx.device, precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
-                      workers=cfg.loader_workers, skipped=skipped, checkpoint=state)
+        train_teacher(model, sp.train, sp.normalizer, TeacherSettings.of(cfg), _runtime(ctx, show_progress),
+                      skipped=skipped, checkpoint=state)
     with _timed(ctx, "evaluate"):
-        test = evaluate(model, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
-        val = evaluate(model, sp.val, sp.normalizer, **_eval_kw(ctx, skipped)) if len(sp.val) else None
+        test = _evaluate(ctx, model, sp.test, skipped)
+        val = _evaluate(ctx, model, sp.val, skipped) if len(sp.val) else None
     atomic_torch_save(ckpt, {"model": {k: v.cpu() for k, v in model.state_dict().items()}})
     meta = {"arch": cfg.arch, "arch_kwargs": parse_model_kwargs(cfg.arch_kwargs), "dataset": cfg.dataset,
             "classes": sp.classes, "channels": sp.channels, "input_size": sp.size, "test_top1": test, "val_top1": val,
             "epochs": cfg.teacher_epochs, "dataset_fingerprint": sp.fingerprint(), "sha256": file_sha256(ckpt)}
     atomic_write_json(teacher_meta_path(ckpt), meta)
-    cfg.replace(teacher=str(ckpt)).save(out / "config_teacher.json")
+    cfg.replace(teacher=str(ckpt)).save(run.teacher_config)
     state.remove()                                  # the teacher is written: the training state is spent
     write_manifest(out, stage="train_teacher", config=cfg.to_dict(), **_provenance(ctx),
                    teacher_sha256=meta["sha256"], timings=ctx.timings, results={"test_top1": test, "val_top1": val},
@@ -217,9 +216,10 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                          "leave pure noise")
     ctx = make_context(cfg, like=ctx)
     out = Path(cfg.out)
+    run = RunDir(out)
     if not _reopen_unfinished(cfg, ctx, out):         # else write_synthetic replaces the set, atomically
-        refuse_overwrite(out / "synthetic.safetensors", "a synthetic set")
-        refuse_overwrite(out / "syn", "a folder of synthetic images")
+        refuse_overwrite(run.synthetic, "a synthetic set")
+        refuse_overwrite(run.png, "a folder of synthetic images")
     sp = ctx.splits
     teacher = load_teacher(ctx) if (cfg.method != "random" or cfg.resolved_refine()) else None
     needs_cam = cfg.method == "nrrdd" or (cfg.resolved_refine() and not sre2l)
@@ -232,21 +232,16 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
                              "Use a convolutional teacher, or --method rded / sre2l (no CAM)") from e
     ensure_writable(out)                            # checks done; before the work
     refined = cfg.resolved_refine()
-    found = DiscoveryStore(out / "discover.parts", _identity(ctx, NOT_DISTILL))
-    _refuse_leftover(cfg, found.exists() or ChunkStore(out / "refine.parts", {}).exists(),
+    found = DiscoveryStore(run.discover_parts, _identity(ctx, NOT_DISTILL))
+    _refuse_leftover(cfg, found.exists() or ChunkStore(run.refine_parts, {}).exists(),
                      f"{out}/discover.parts and refine.parts hold the pieces of an interrupted distillation")
     ctx.dist.barrier()                              # every rank has looked for leftovers before any is written
     d = found.load() if cfg.resume else None
     resumed_selection = d is not None
+    settings, rt = DiscoverSettings.of(cfg, factor=ctx.factor, size=sp.size), _runtime(ctx, show_progress)
     if d is None:
         with _timed(ctx, "discover"):
-            d = select(cfg.method, teacher, sp.train, sp.normalizer, ipc=cfg.ipc, mipc=cfg.mipc,
-                       num_crop=cfg.num_crop, factor=ctx.factor, seed=cfg.seed,
-                       crop_scale=crop_scale_for(sp.size, cfg.crop_scale, cfg.crop_min_side), cam=cfg.cam,
-                       keep=cfg.cidd_keep, quantile=cfg.cidd_quantile, correct_only=cfg.cidd_correct,
-                       whole_image=cfg.whole_image, batch_size=cfg.discover_batch_size, device=ctx.device,
-                       precision=ctx.precision, show_progress=show_progress, loader=cfg.loader,
-                       workers=cfg.loader_workers, dist=ctx.dist)
+            d = select(teacher, sp.train, sp.normalizer, settings, rt)
         if refined and ctx.dist.is_main and d.images is None:   # a resumed run starts from here
             found.save(d)
     # The images this process needs: all in one process; under torchrun those of its refinement batches
@@ -256,8 +251,7 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
         rows = (rows_of_rank(d.labels, cfg.refine_batch_size, ctx.dist) if refined
                 else torch.arange(len(d.labels)) if ctx.dist.is_main else torch.arange(0))
     with _timed(ctx, "discover"):                   # stage 1's second half: the chosen crops' pixels
-        d = assemble(d, sp.train, sp.normalizer, factor=ctx.factor, rows=rows, batch_size=cfg.discover_batch_size,
-                     device=ctx.device, loader=cfg.loader, workers=cfg.loader_workers)
+        d = assemble(d, sp.train, sp.normalizer, settings, rt, rows=rows)
     if d.rows is None:
         images = sp.normalizer(d.images)
     else:                                           # only the rows written (the others are untouched memory)
@@ -267,25 +261,18 @@ def run_distill(cfg: RunConfig, show_progress: bool = True, ctx: Context | None 
     d.images = None                                 # one copy of the set in memory, not two
     # an unrefined set's masks (all ones); refinement makes its own
     masks = None if refined else torch.ones(images.shape[0], 1, *images.shape[-2:])
-    parts = ChunkStore(out / "refine.parts", _identity(ctx, NOT_DISTILL, discovered=selection))
+    parts = ChunkStore(run.refine_parts, _identity(ctx, NOT_DISTILL, discovered=selection))
     if refined:
         with _timed(ctx, "refine"):
-            r = refine(teacher, images, d.labels, sp.normalizer.lo, sp.normalizer.hi,
-                       iterations=cfg.sre2l_iterations if sre2l else cfg.nrr_iterations, eps=cfg.nrr_eps,
-                       lr=cfg.nrr_lr, betas=cfg.nrr_betas, adam_eps=cfg.nrr_adam_eps, a_bn=cfg.a_bn,
-                       first_bn_multiplier=cfg.first_bn_multiplier, mask_every=cfg.mask_every,
-                       batch_size=cfg.refine_batch_size, masked=not sre2l, mask_mode=cfg.nrr_mask_mode, cam=cfg.cam,
-                       jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(),
-                       seed=cfg.seed, precision=ctx.precision, device=ctx.device, show_progress=show_progress,
-                       desc="synthesise[sre2l]" if sre2l else "refine", parts=parts, dist=ctx.dist,
-                       out=images)              # in place: the set is held once
+            r = refine(teacher, images, d.labels, (sp.normalizer.lo, sp.normalizer.hi), RefineSettings.of(cfg), rt,
+                       parts=parts, out=images)     # in place: the set is held once
         if r is not None:                           # None on ranks other than 0, which write nothing
             images, masks = r.images, r.masks
     if not ctx.dist.is_main:
         return _follower_done(ctx, {"out": str(out), "n_images": int(images.shape[0])})
     with _timed(ctx, "write"):
-        write_synthetic(out, images, d.labels, masks, sp)
-    cfg.save(out / "config.json")
+        write_synthetic(out, images, d.labels, masks, sp.normalizer, sp.classes)
+    cfg.save(run.config)
     # the manifest marks the run finished; the pieces go after it, so a kill before it can still --resume
     write_manifest(out, stage="distill", config=cfg.to_dict(), **_provenance(ctx),
                    synthetic_sha256=tensor_sha256(images, d.labels), factor=ctx.factor, refined=refined,
@@ -304,12 +291,10 @@ def _reopen_unfinished(cfg: RunConfig, ctx: Context, out: Path) -> bool:
     resume pieces there, the set is made again from them (the same bytes: every refined batch is among them)
     and replaces the file and the folder atomically; the old ones stay until then. Otherwise the run stops
     and says what to do."""
-    unfinished = ((out / "synthetic.safetensors").exists() and not (out / "manifest_distill.json").exists()
-                  and ((out / ".syn.partial").is_dir() or (out / "syn").is_dir()))
-    if not unfinished:
+    if not unfinished_set(out):
         return False
-    found = DiscoveryStore(out / "discover.parts", _identity(ctx, NOT_DISTILL))
-    pieces = found.exists() or ChunkStore(out / "refine.parts", {}).exists()
+    found = DiscoveryStore(RunDir(out).discover_parts, _identity(ctx, NOT_DISTILL))
+    pieces = found.exists() or ChunkStore(RunDir(out).refine_parts, {}).exists()
     what = f"{out} holds the synthetic set of a distillation killed before it finished (no manifest_distill.json)"
     if not pieces:
         raise FileExistsError(f"{what}, and no resume pieces to make it again from: remove synthetic.safetensors "
@@ -330,111 +315,32 @@ def _selection_sha256(d) -> str:
     return tensor_sha256(d.images, d.labels)
 
 
-class DiscoveryStore:
-    """Stage 1's selection kept for a resumed distillation: ``discovered.safetensors`` (labels; carrying the
-    run's identity) and ``discovered.json`` (per-patch sources, skipped files), the JSON written first, so the
-    safetensors file's presence means both are complete. No pixels: :func:`assemble` cuts them again."""
-
-    def __init__(self, folder: Path, identity: dict):
-        self.store = ChunkStore(folder, identity)
-
-    def exists(self) -> bool:
-        return self.store.exists()
-
-    def save(self, d) -> None:
-        atomic_write_json(self.store.folder / "discovered.json",
-                          {"sources": d.sources, "skipped": d.skipped, "loader": d.loader})
-        self.store.save("discovered", {"labels": d.labels})
-
-    def load(self):
-        got = self.store.load("discovered")
-        if got is None:
-            return None
-        facts = json.loads((self.store.folder / "discovered.json").read_text())
-        return Discovery(None, got[0]["labels"], facts["sources"], facts["skipped"], facts["loader"])
-
-    def remove(self) -> None:
-        self.store.remove()
-
-
 def _follower_done(ctx: Context, result: dict) -> dict:
     """A rank other than 0 at the end of a stage: wait until rank 0 has written the stage's files."""
     ctx.dist.barrier()
     return {**result, "rank": ctx.dist.rank, "timings": dict(ctx.timings)}
 
 
-def write_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, sp: Splits) -> None:
-    """PNG per image in RDED's folder layout (pixel values, lossless) + one safetensors file (exact floats).
-
-    All or nothing: the PNGs go to a hidden staging folder, then the safetensors file is written, then the
-    folder is renamed to ``syn``; a failure on the way (a full disk) removes the staging folder, so a reader
-    never finds part of a synthetic set (the refinement pieces stay, for --resume). A resumed run making its
-    set again replaces both: the file atomically, the folder by a swap."""
-    staging = out / ".syn.partial"
-    shutil.rmtree(staging, ignore_errors=True)          # left by a run killed while writing
-    try:
-        counts: dict[int, int] = {}
-        for img, c in zip(images, labels.tolist()):
-            i = counts.get(c, 0)
-            counts[c] = i + 1
-            # one image at a time: a whole-set pixel copy would hold the set (tens of GB at ImageNet scale) twice
-            pixels = (sp.normalizer.inverse(img[None]).clamp(0, 1) * 255).round().to(torch.uint8)[0]
-            arr = pixels.permute(1, 2, 0).numpy()
-            pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-            atomic_save_image(staging / f"{c:05d}" / f"class{c:05d}_id{i:05d}.png", pil)
-        atomic_save_safetensors(out / "synthetic.safetensors",
-                                {"images": images.float(), "labels": labels.long(), "masks": masks.float()},
-                                metadata={"space": "normalised", "mean": json.dumps(sp.normalizer.mean.tolist()),
-                                          "std": json.dumps(sp.normalizer.std.tolist()),
-                                          "classes": json.dumps(sp.classes)})
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    final, old = out / "syn", out / ".syn.old"
-    if final.exists():          # a resumed run making its set again: swap the folders, then drop the old one
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_synthetic(syn_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    path = Path(syn_dir) / "synthetic.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `nrrdd distill --out {syn_dir}` first")
-    t, meta = load_safetensors(path)
-    # in chunks: a whole-set mask would be a quarter of the set's size (7.5 GB at ImageNet IPC 50)
-    bad = torch.cat([~torch.isfinite(c).flatten(1).all(1) for c in t["images"].split(256)]).nonzero().flatten()
-    if len(bad):
-        raise ValueError(f"{path}: {len(bad)} synthetic image(s) hold NaN/inf (images {bad[:10].tolist()}, classes "
-                         f"{sorted(set(t['labels'][bad].tolist()))[:10]}): rerun `nrrdd distill` for this set")
-    return t["images"], t["labels"], t.get("masks"), meta
-
-
 # --- relabel -------------------------------------------------------------------------------------------
 def run_relabel(cfg: RunConfig, syn_dir: str | Path, mode: str, show_progress: bool = True,
                 ctx: Context | None = None) -> dict:
     ctx = make_context(cfg, like=ctx)
-    out = Path(syn_dir) / f"labels_{mode}.safetensors"
+    out = RunDir(syn_dir).labels(mode)
     refuse_overwrite(out, f"a {mode} label file")
     ensure_writable(syn_dir)
     images, labels, _, _ = read_synthetic(syn_dir)
-    parts = LabelParts(Path(syn_dir) / f"labels_{mode}.parts", _identity(ctx), cfg.checkpoint_every)
+    parts = LabelParts(RunDir(syn_dir).label_parts(mode), _identity(ctx), cfg.checkpoint_every)
     _refuse_leftover(cfg, parts.exists(), f"{parts.folder} holds the labels of an interrupted relabelling")
     teacher = load_teacher(ctx)
-    temperature = cfg.dbr_temperature if mode == "dbr" else 1.0
-    batch_size = max(1, cfg.resolved_batch_size(len(ctx.splits.classes)))
-    mix_batch = cfg.resolved_mix_batch(len(ctx.splits.classes))
+    settings = RelabelSettings.of(cfg, mode=mode, factor=ctx.factor, num_classes=len(ctx.splits.classes))
     with _timed(ctx, "relabel"):
-        relabel(teacher, images, labels, mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=ctx.factor,
-                cutmix_alpha=cfg.cutmix_alpha, temperature=temperature, batch_size=batch_size, device=ctx.device,
-                precision=ctx.precision, parts=parts, show_progress=show_progress, dist=ctx.dist,
-                set_on_device=cfg.set_on_device, mix_batch=mix_batch)
+        relabel(teacher, images, labels, settings, _runtime(ctx, show_progress), parts=parts)
     if not ctx.dist.is_main:
         return _follower_done(ctx, {"labels_file": str(out)})
     # the labels are on disk in chunks (one chunk at a time was in memory): the file is their concatenation
     parts.write(out, cfg.epochs, mode=mode, seed=cfg.seed, factor=ctx.factor, cutmix_alpha=cfg.cutmix_alpha,
-                temperature=temperature, synthetic_sha256=tensor_sha256(images, labels), mix_batch=mix_batch)
+                temperature=settings.temperature, synthetic_sha256=tensor_sha256(images, labels),
+                mix_batch=settings.mix_batch)
     parts.remove()                                  # the label file is written: its chunks are spent
     write_manifest(syn_dir, stage=f"relabel_{mode}", config=cfg.to_dict(), **_provenance(ctx), labels_file=str(out),
                    label_bytes=out.stat().st_size, timings=dict(ctx.timings))
@@ -451,7 +357,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     ctx = make_context(cfg, like=ctx)
     sp = ctx.splits
     tag = eval_tag(cfg, label_mode)
-    out = Path(syn_dir) / f"eval_{tag}.json"
+    out = RunDir(syn_dir).evaluation(tag)
     refuse_overwrite(out, "an evaluation result")
     ensure_writable(syn_dir)
     images, labels, _, meta = read_synthetic(syn_dir)
@@ -459,7 +365,7 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
         raise ValueError(f"synthetic set {syn_dir} was made for other classes than {cfg.dataset}'s")
     stored, label_bytes = None, 0
     if label_mode in ("soft", "dbr"):
-        label_file = Path(label_file or Path(syn_dir) / f"labels_{label_mode}.safetensors")
+        label_file = Path(label_file or RunDir(syn_dir).labels(label_mode))
         stored, lmeta = load_labels(label_file)
         if lmeta.get("synthetic_sha256") != tensor_sha256(images, labels):
             raise ValueError(f"{label_file} was computed for another synthetic set than {syn_dir}")
@@ -484,22 +390,17 @@ def run_evaluate(cfg: RunConfig, syn_dir: str | Path, label_mode: str, label_fil
     sync_bn = cfg.resolved_sync_bn(ctx.device.type, ctx.dist.world)
     # torch.compile of a DDP model with SyncBatchNorm has open PyTorch issues (pytorch#107372): only on request
     compiled = cfg.resolved_compile(ctx.device.type, images.shape[0]) and (cfg.compile is True or not sync_bn)
-    ckpt = TrainCheckpoint(Path(syn_dir) / f"checkpoint_{tag}.pt", _identity(ctx), cfg.checkpoint_every)
+    ckpt = TrainCheckpoint(RunDir(syn_dir).student_state(tag), _identity(ctx), cfg.checkpoint_every)
     _refuse_leftover(cfg, ckpt.path.exists(), f"{ckpt.path} holds the state of an interrupted evaluation")
     with _timed(ctx, "train"):
-        student = train_student(student, images, labels, mode=label_mode, epochs=cfg.epochs,
-                                batch_size=cfg.resolved_batch_size(len(sp.classes)), seed=cfg.seed,
-                                factor=ctx.factor, teacher=teacher, stored=stored, lr=cfg.lr,
-                                weight_decay=cfg.weight_decay, temperature=cfg.temperature,
-                                cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr, dbr_distance=cfg.dbr_distance,
-                                dbr_temperature=cfg.dbr_temperature, dbr_sce_temperature=cfg.dbr_sce_temperature,
-                                recipe=cfg.recipe, device=ctx.device, precision=ctx.precision,
-                                compile=compiled, checkpoint=ckpt, show_progress=show_progress, dist=ctx.dist,
-                                sync_bn=sync_bn, set_on_device=cfg.set_on_device)
+        settings = StudentSettings.of(cfg, mode=label_mode, factor=ctx.factor, num_classes=len(sp.classes),
+                                      compile=compiled, sync_bn=sync_bn)
+        student = train_student(student, images, labels, settings, _runtime(ctx, show_progress), teacher=teacher,
+                                stored=stored, checkpoint=ckpt)
     with _timed(ctx, "evaluate"):
         skipped: list = []
-        test = None if validation_only else evaluate(student, sp.test, sp.normalizer, **_eval_kw(ctx, skipped))
-        val = evaluate(student, sp.val, sp.normalizer, **_eval_kw(ctx, skipped)) if len(sp.val) else None
+        test = None if validation_only else _evaluate(ctx, student, sp.test, skipped)
+        val = _evaluate(ctx, student, sp.val, skipped) if len(sp.val) else None
     if not ctx.dist.is_main:
         return _follower_done(ctx, {"labels": label_mode, "test_top1": test, "val_top1": val})
     result = {"labels": label_mode, "student": cfg.student, "seed": cfg.seed, "test_top1": test, "val_top1": val,

@@ -98,6 +98,8 @@ def apply_subset(cfg: RunConfig, explicit: set[str], set_out: bool = True) -> Ru
 
 def link_syn_data(out: str | Path) -> None:
     """``<out>/syn_data`` -> ``syn`` (the PNG folder), where RDED's evaluation reads synthetic images."""
+    from .rundir import RunDir
+
     link = Path(out) / "syn_data"
-    if (Path(out) / "syn").is_dir() and not link.exists() and not link.is_symlink():
+    if RunDir(out).png.is_dir() and not link.exists() and not link.is_symlink():
         link.symlink_to("syn", target_is_directory=True)

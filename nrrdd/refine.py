@@ -5,6 +5,9 @@ For a batch of images x with labels y:
   every ``mask_every`` steps; L = CE(T(x), y) + a_bn * L_bn; masked Adam step (``nrrdd.kernels.MaskedAdam``)
   with the mask on the *step*, then a clamp to the images of pixel values 0 and 1.
 
+The settings are :class:`RefineSettings` (``RefineSettings.of(cfg)`` from a run's config); how the stage runs
+(device, precision, processes, progress) is a :class:`~nrrdd.runtime.Runtime`.
+
 SRe2L synthesis is the same loop with ``masked=False`` (every pixel moves) and SRe2L's input augmentation:
 each step the teacher sees the batch rolled by (dy, dx), each uniform in [0, ``jitter``] px (circular
 ``torch.roll``, as SRe2L's recover code), and with ``flip`` mirrored horizontally with probability 0.5, one
@@ -25,9 +28,10 @@ from nrrdd.kernels import MaskedAdam
 
 from .augment import STREAM_JITTER, rng
 from .cam import class_activation_map, nrr_mask
-from .dist import SINGLE, Dist
+from .config import RunConfig
+from .dist import Dist
 from .io import ChunkStore
-from .runtime import autocast, progress
+from .runtime import QUIET, Runtime, autocast, progress
 
 
 class NonFiniteError(FloatingPointError):
@@ -74,24 +78,51 @@ def cosine_lr(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
-def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
-           iterations: int = 500, eps: float = 0.5, lr: float = 0.25, betas=(0.5, 0.9), adam_eps: float = 1e-8,
-           a_bn: float = 0.01, first_bn_multiplier: float = 10.0, mask_every: int = 0, batch_size: int = 100,
-           masked: bool = True, mask_mode: str = "step", cam: str = "auto", jitter: int = 0, flip: bool = False,
-           seed: int = 0,
-           precision: str = "fp32", device="cpu", show_progress: bool = True, desc: str = "refine",
-           parts: ChunkStore | None = None, dist: Dist = SINGLE,
+@dataclass(frozen=True)
+class RefineSettings:
+    """Stage 2's settings (the RunConfig fields it reads, by the names the loop uses)."""
+    iterations: int = 500
+    eps: float = 0.5
+    lr: float = 0.25
+    betas: tuple[float, float] = (0.5, 0.9)
+    adam_eps: float = 1e-8
+    a_bn: float = 0.01
+    first_bn_multiplier: float = 10.0
+    mask_every: int = 0
+    batch_size: int = 100
+    masked: bool = True
+    mask_mode: str = "step"
+    cam: str = "auto"
+    jitter: int = 0
+    flip: bool = False
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "RefineSettings":
+        """NRR for ``--method nrrdd`` (and rded with ``--refine``); SRe2L's synthesis for ``sre2l``: no mask, its
+        iterations, jitter and flip."""
+        sre2l = cfg.method == "sre2l"
+        return cls(iterations=cfg.sre2l_iterations if sre2l else cfg.nrr_iterations, eps=cfg.nrr_eps, lr=cfg.nrr_lr,
+                   betas=tuple(cfg.nrr_betas), adam_eps=cfg.nrr_adam_eps, a_bn=cfg.a_bn,
+                   first_bn_multiplier=cfg.first_bn_multiplier, mask_every=cfg.mask_every,
+                   batch_size=cfg.refine_batch_size, masked=not sre2l, mask_mode=cfg.nrr_mask_mode, cam=cfg.cam,
+                   jitter=cfg.sre2l_jitter if sre2l else 0, flip=sre2l and cfg.resolved_sre2l_flip(), seed=cfg.seed)
+
+
+def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
+           settings: RefineSettings = RefineSettings(), rt: Runtime = QUIET, *, parts: ChunkStore | None = None,
            out: torch.Tensor | None = None) -> RefineResult | None:
     """Refine normalised ``images`` [N, C, H, W] in batches; returns the refined images and their masks.
 
+    ``bounds``: per-channel (lo, hi), the normalised images of pixel values 0 and 1 (every step clamps to them).
     ``out``: where each refined batch is written as soon as it is done, ``images`` itself allowed (a batch reads
     its own rows before writing them, and batches do not overlap); by default a new tensor, ``images`` untouched.
     Only rank 0 writes it (the other ranks' batches reach it through ``parts``).
     Written in place, the set is held once (at ImageNet IPC 50, 30 GB) instead of three times (the input, the
     refined batches, the assembled result).
 
-    ``mask_mode``: where the mask M enters the update (:data:`MASK_MODES`): ``step`` scales Adam's step (the
-    fused masked-Adam kernel; METHOD.md's default), ``grad`` scales the gradient before a plain Adam (Adam's
+    ``settings.mask_mode``: where the mask M enters the update (:data:`MASK_MODES`): ``step`` scales Adam's step
+    (the fused masked-Adam kernel; METHOD.md's default), ``grad`` scales the gradient before a plain Adam (Adam's
     per-element normalisation then leaves mostly a binary mask: M > 0 moves at full speed), ``sgd`` is plain
     gradient descent ``x <- clamp(x - lr * M * grad)`` (the update as a summary of the paper writes it; its
     ``lr`` is on another scale than Adam's).
@@ -99,21 +130,23 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
     and ``flip`` augment the teacher's input each step (SRe2L); off by default. ``seed`` keys their draws.
     ``parts``: keep each refined batch there as it is done and skip the batches already there (batches are
     refined independently, so a killed run resumes at the batch it was in).
-    ``dist``: batch ``k`` is refined by rank ``k % world``, which keeps it in ``parts`` (needed, on a folder every
-    rank sees); rank 0 then assembles the result from them, the other ranks return None.
+    ``rt.dist``: batch ``k`` is refined by rank ``k % world``, which keeps it in ``parts`` (needed, on a folder
+    every rank sees); rank 0 then assembles the result from them, the other ranks return None.
     """
-    if jitter < 0:
-        raise ValueError(f"jitter must be >= 0 px, got {jitter}")
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, not {mask_mode!r}")
+    s, dist = settings, rt.dist
+    lo, hi = bounds
+    if s.jitter < 0:
+        raise ValueError(f"jitter must be >= 0 px, got {s.jitter}")
+    if s.mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, not {s.mask_mode!r}")
     if dist.active and parts is None:
         raise ValueError("refinement in several processes passes its batches through `parts` (a ChunkStore)")
-    device = torch.device(device)
+    device = torch.device(rt.device)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    bn_loss = BNStatLoss(teacher, first_bn_multiplier)
-    if not bn_loss.bns and a_bn > 0:
+    bn_loss = BNStatLoss(teacher, s.first_bn_multiplier)
+    if not bn_loss.bns and s.a_bn > 0:
         warnings.warn("teacher has no BatchNorm2d layer: L_bn is 0, only the cross-entropy drives refinement")
     if out is not None and out.shape != images.shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, the images {tuple(images.shape)}")
@@ -123,8 +156,10 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
         masks = torch.zeros(images.shape[0], 1, *images.shape[-2:])
     last = float("nan")
     order = batch_order(labels)
+    batch_size = s.batch_size
+    desc = "refine" if s.masked else "synthesise"
     try:
-        bar = progress(range(0, len(order), batch_size), desc=desc, enable=show_progress and dist.is_main)
+        bar = progress(range(0, len(order), batch_size), desc=desc, enable=rt.show_progress and dist.is_main)
         for start in bar:
             idx = order[start:start + batch_size]
             name = f"batch_{start // batch_size:06d}"
@@ -136,10 +171,9 @@ def refine(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, lo: t
                     result[idx], masks[idx] = done[0]["images"], done[0]["masks"]
                 last = float(done[1]["loss"])
                 continue
-            views = _input_views(iterations, jitter, flip, seed, start // batch_size)
+            views = _input_views(s.iterations, s.jitter, s.flip, s.seed, start // batch_size)
             x, m, last = _refine_batch(teacher, bn_loss, images[idx].to(device), labels[idx].to(device), lo, hi,
-                                       iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked, cam,
-                                       precision, views, mask_mode)
+                                       s, rt.precision, views)
             x, m = x.cpu(), m.cpu()
             if parts is not None:
                 parts.save(name, {"images": x, "masks": m}, loss=repr(last))
@@ -212,15 +246,16 @@ class _MaskedSGD:
         self.x.copy_(torch.maximum(torch.minimum(self.x, self.hi), self.lo))
 
 
-def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, adam_eps, a_bn, mask_every, masked,
-                  cam, precision, views=None, mask_mode="step"):
+def _refine_batch(teacher, bn_loss, x0, y, lo, hi, s: RefineSettings, precision: str, views=None):
+    iterations, lr, mask_mode = s.iterations, s.lr, s.mask_mode
+
     def mask_of(x):
-        if not masked:
+        if not s.masked:
             return torch.ones(x.shape[0], 1, *x.shape[-2:], device=x.device)
         with torch.no_grad(), autocast(x.device, precision):
-            c = class_activation_map(teacher, x.detach(), y, method=cam)
+            c = class_activation_map(teacher, x.detach(), y, method=s.cam)
         bn_loss.pop()                                   # the CAM forward is not part of the loss
-        return nrr_mask(c.float(), eps)
+        return nrr_mask(c.float(), s.eps)
 
     x = x0.clone().float().requires_grad_(True)
     mask = mask_of(x)
@@ -229,14 +264,14 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
     if mask_mode == "sgd":
         sgd = _MaskedSGD(x, mask, lr, lo, hi)
     else:               # "grad": the mask multiplies the gradient below and Adam itself is unmasked
-        opt = MaskedAdam([x], mask=mask if mask_mode == "step" else None, lr=lr, betas=tuple(betas), eps=adam_eps,
-                         bounds=(lo, hi))
+        opt = MaskedAdam([x], mask=mask if mask_mode == "step" else None, lr=lr, betas=tuple(s.betas),
+                         eps=s.adam_eps, bounds=(lo, hi))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_lr(t, iterations))
     loss = torch.full((), float("nan"))
     # the first non-finite step, kept on the device and read every CHECK_EVERY steps: no host sync per step
     first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
     for it in range(iterations):
-        if mask_every and it and it % mask_every == 0:
+        if s.mask_every and it and it % s.mask_every == 0:
             mask = mask_of(x)
             if mask_mode == "step":
                 opt.set_mask(mask)
@@ -252,7 +287,7 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, iterations, eps, lr, betas, a
                 xin = xin.flip(-1)
         with autocast(x.device, precision):
             logits = teacher(xin)
-        loss = F.cross_entropy(logits.float(), y) + a_bn * bn_loss.pop()
+        loss = F.cross_entropy(logits.float(), y) + s.a_bn * bn_loss.pop()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), it, first_bad)
         if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
             _check(first_bad, y)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,20 +16,39 @@ import torch.nn as nn
 from nrrdd.kernels import dbr_distances
 
 from .augment import epoch_augment
-from .dist import SINGLE, Dist
+from .config import RunConfig
 from .feed import SetFeed
 from .io import ChunkStore, atomic_concat_safetensors, atomic_save_safetensors, load_safetensors
-from .runtime import autocast, progress
+from .runtime import QUIET, Runtime, autocast, progress
 
 STORED = ("dbr", "soft")                # the label modes relabel writes (and evaluate reads from its files)
 
 
+@dataclass(frozen=True)
+class RelabelSettings:
+    """Stage 3a's settings: which labels, for which epochs of which replayable augmentation."""
+    mode: str                       # dbr | soft
+    epochs: int
+    seed: int
+    factor: int
+    cutmix_alpha: float = 1.0
+    temperature: float = 1.0        # of the DBR distances
+    batch_size: int = 256
+    mix_batch: int = 0              # the student recipe's CutMix batch (0: per sample)
+    set_on_device: bool | None = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig, *, mode: str, factor: int, num_classes: int) -> "RelabelSettings":
+        """The labels a student of ``cfg`` replays: its epochs, seed, CutMix and batches."""
+        return cls(mode=mode, epochs=cfg.epochs, seed=cfg.seed, factor=factor, cutmix_alpha=cfg.cutmix_alpha,
+                   temperature=cfg.dbr_temperature if mode == "dbr" else 1.0,
+                   batch_size=max(1, cfg.resolved_batch_size(num_classes)),
+                   mix_batch=cfg.resolved_mix_batch(num_classes), set_on_device=cfg.set_on_device)
+
+
 @torch.no_grad()
-def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int, seed: int,
-            factor: int, cutmix_alpha: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
-            device="cpu", precision: str = "fp32", parts: "LabelParts | None" = None,
-            show_progress: bool = True, dist: Dist = SINGLE, set_on_device: bool | None = None,
-            mix_batch: int = 0) -> torch.Tensor | None:
+def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: RelabelSettings,
+            rt: Runtime = QUIET, *, parts: "LabelParts | None" = None) -> torch.Tensor | None:
     """Returns float16 [E, N, 2] (dbr) or [E, N, C] (soft), in sample order.
 
     ``mix_batch``: the student recipe's CutMix batch (:func:`nrrdd.augment.epoch_augment`; 0: per sample).
@@ -42,21 +62,23 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
     returns the labels), the other ranks return None.
     ``set_on_device``: copy the whole set to the device (None: when it fits, :func:`nrrdd.feed.set_on_device`)
     or leave it in host memory and stream each batch's rows there."""
+    st, dist, precision = settings, rt.dist, rt.precision
+    mode, epochs, seed, factor, batch_size = st.mode, st.epochs, st.seed, st.factor, st.batch_size
     if mode not in STORED:
         raise ValueError(f"relabel mode must be 'dbr' or 'soft', not {mode!r}")
     teacher.eval()
-    device = torch.device(device)
+    device = torch.device(rt.device)
     N, S = images.shape[0], images.shape[-1]
-    feed = SetFeed(images, labels, factor=factor, device=device, resident=set_on_device)
+    feed = SetFeed(images, labels, factor=factor, device=device, resident=st.set_on_device)
     n_batches = -(-N // batch_size)
     out, first = None, (parts.first_epoch() if parts is not None else 0)
     # every rank has found where to start before rank 0 can finish (all chunks there) and remove the chunks
     dist.barrier()
     chunk_start = first
     pending: dict[tuple[int, int], torch.Tensor] = {}       # (epoch, batch) -> labels not yet collected
-    for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=show_progress and dist.is_main,
+    for e in progress(range(first, epochs), desc=f"relabel[{mode}]", enable=rt.show_progress and dist.is_main,
                       total=epochs, initial=first):
-        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha, mix_batch)
+        aug = epoch_augment(seed, e, N, S, factor, st.cutmix_alpha, st.mix_batch)
         mine = [k for k in range(n_batches) if dist.owns(e * n_batches + k)]
         index_batches = [torch.arange(k * batch_size, min(N, (k + 1) * batch_size)) for k in mine]
         # the first non-finite batch, kept on the device and read once per epoch: no host sync per batch
@@ -67,7 +89,7 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, m
                 with autocast(device, precision):
                     logits = teacher(x)
                 if mode == "dbr":
-                    d_org, d_aug = dbr_distances(logits.float(), y_org, y_aug, temperature)
+                    d_org, d_aug = dbr_distances(logits.float(), y_org, y_aug, st.temperature)
                     vals = torch.stack([d_org, d_aug], 1)
                 else:
                     vals = logits.float()

@@ -5,8 +5,27 @@ import contextlib
 import functools
 import sys
 
+from dataclasses import dataclass, field
+
 import torch
 from tqdm.auto import tqdm
+
+from .dist import SINGLE, Dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a stage runs, shared by every stage: where it computes, in which precision, in how many processes,
+    how it reads image files, and whether it shows progress. None of it is in a stage's settings."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    dist: Dist = SINGLE
+    loader: str = "auto"            # image folders: auto (DALI if installed) | dali | torch
+    workers: int = 2                # DataLoader worker processes (torch) or DALI CPU threads
+    show_progress: bool = True
+
+
+QUIET = Runtime(show_progress=False)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

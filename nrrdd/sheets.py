@@ -12,12 +12,13 @@ import torch
 
 from .data import Normalizer
 from .io import atomic_save_figure, load_safetensors
+from .rundir import RunDir
 
 
 def load_pixels(syn_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """A synthetic set as pixels: images float [N, H, W, C] in [0, 1], labels int64 [N], masks [N, 1, H, W],
     class names in label order."""
-    t, meta = load_safetensors(Path(syn_dir) / "synthetic.safetensors")
+    t, meta = load_safetensors(RunDir(syn_dir).synthetic)
     norm = Normalizer(json.loads(meta["mean"]), json.loads(meta["std"]))
     pixels = norm.inverse(t["images"]).clamp(0, 1).permute(0, 2, 3, 1)
     labels = t["labels"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 from nrrdd.kernels import DBRLoss
 
 from .augment import epoch_augment, epoch_order
+from .config import RunConfig
 from .data import ImageSet, Normalizer
-from .dist import SINGLE, Dist
 from .feed import SetFeed
-from .runtime import autocast, progress
+from .runtime import QUIET, Runtime, autocast, progress
 
 
 def _param_groups(model: nn.Module, weight_decay: float):
@@ -45,22 +46,22 @@ def _rded_schedule(epochs: int, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_size: int = 500, device="cpu",
-             precision: str = "fp32", loader: str = "torch", workers: int = 2,
-             skipped: list | None = None, dist: Dist = SINGLE) -> float:
+def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, rt: Runtime = QUIET, *,
+             batch_size: int = 500, skipped: list | None = None) -> float:
     """Top-1 accuracy (%) of ``model`` on ``data``, read through :func:`nrrdd.loaders.image_batches`.
 
     Images that cannot be decoded are left out of the accuracy and appended to ``skipped`` as
-    (path, reason); callers record them next to the accuracy. ``dist``: each rank evaluates every
+    (path, reason); callers record them next to the accuracy. ``rt.dist``: each rank evaluates every
     ``world``-th image and the counts are summed (every rank returns the same accuracy)."""
     from .loaders import image_batches
 
+    dist, device = rt.dist, rt.device
     model.eval()
     correct = seen = 0
-    src = image_batches(data, normalizer, loader=loader, batch_size=batch_size, workers=workers, device=device,
-                        shard_id=dist.rank, num_shards=dist.world)
+    src = image_batches(data, normalizer, loader=rt.loader, batch_size=batch_size, workers=rt.workers,
+                        device=device, shard_id=dist.rank, num_shards=dist.world)
     for b in src:
-        with autocast(device, precision):
+        with autocast(device, rt.precision):
             pred = model(b.image).argmax(1).cpu()
         correct += int((pred == b.label).sum())
         seen += len(b.label)
@@ -75,11 +76,25 @@ def evaluate(model: nn.Module, data: ImageSet, normalizer: Normalizer, *, batch_
     return 100.0 * correct / seen
 
 
-def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, epochs: int, lr: float,
-                  batch_size: int, seed: int, weight_decay: float = 5e-4, flip: bool = True, device="cpu",
-                  precision: str = "fp32",
-                  show_progress: bool = True, loader: str = "torch", workers: int = 2,
-                  skipped: list | None = None, checkpoint: "TrainCheckpoint | None" = None) -> nn.Module:
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How ``train-teacher`` trains (the RunConfig fields it reads)."""
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    weight_decay: float = 5e-4
+    flip: bool = True
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "TeacherSettings":
+        return cls(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
+                   weight_decay=cfg.teacher_weight_decay, flip=cfg.dataset != "mnist")
+
+
+def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, settings: TeacherSettings,
+                  rt: Runtime = QUIET, *, skipped: list | None = None,
+                  checkpoint: "TrainCheckpoint | None" = None) -> nn.Module:
     """SGD (momentum 0.9, nesterov, ``weight_decay`` on weights only), cosine lr, random 2-px shifts and
     horizontal flips.
 
@@ -90,26 +105,28 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, *, 
     ``skipped`` as (path, reason), once each."""
     from .loaders import PatchSource
 
+    st, device = settings, rt.device
+    epochs, batch_size = st.epochs, st.batch_size
     model.to(device).train()
-    opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(_param_groups(model, st.weight_decay), lr=st.lr, momentum=0.9, nesterov=True)
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(st.seed)
     first_epoch = checkpoint.restore(model, opt, sched, rng=g) if checkpoint is not None else 0
     bad: dict[str, str] = {}
     for e in range(first_epoch, epochs):
         perm = torch.randperm(len(train), generator=g)
-        src = PatchSource(train, perm, normalizer, loader=loader, batch_size=batch_size, workers=workers)
-        bar = progress(src, desc=f"teacher epoch {e + 1}/{epochs}", enable=show_progress,
+        src = PatchSource(train, perm, normalizer, loader=rt.loader, batch_size=batch_size, workers=rt.workers)
+        bar = progress(src, desc=f"teacher epoch {e + 1}/{epochs}", enable=rt.show_progress,
                        total=math.ceil(len(train) / batch_size))
         for b in bar:
             x, y = b.image, b.label
             x = _shift(x, 2, g)
-            if flip:
+            if st.flip:
                 f = torch.rand(len(x), generator=g) < 0.5
                 x = torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
             x, y = x.to(device), y.to(device)
-            with autocast(device, precision):
+            with autocast(device, rt.precision):
                 loss = F.cross_entropy(model(x).float(), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"teacher loss is {loss.item()} at epoch {e}")
@@ -193,15 +210,40 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(s, t, reduction="batchmean")
 
 
-def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mode: str, epochs: int,
-                  batch_size: int, seed: int, factor: int, teacher: nn.Module | None = None,
-                  stored: torch.Tensor | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
-                  temperature: float = 20.0, cutmix_alpha: float = 1.0, alpha_dbr: float = 1.0,
-                  dbr_distance: str = "l1", dbr_temperature: float = 1.0, dbr_sce_temperature: float | None = None,
-                  recipe: str = "nrrdd", device="cpu", precision: str = "fp32",
-                  compile: bool = False, checkpoint: "TrainCheckpoint | None" = None,
-                  show_progress: bool = True, dist: Dist = SINGLE, sync_bn: bool = False,
-                  set_on_device: bool | None = None) -> nn.Module:
+@dataclass(frozen=True)
+class StudentSettings:
+    """Stage 3's student training settings (the RunConfig fields it reads, resolved for this run)."""
+    mode: str                       # label mode: online | soft | dbr | hard
+    epochs: int
+    batch_size: int
+    seed: int
+    factor: int
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    cutmix_alpha: float = 1.0
+    alpha_dbr: float = 1.0
+    dbr_distance: str = "l1"
+    dbr_temperature: float = 1.0
+    dbr_sce_temperature: float | None = None
+    recipe: str = "nrrdd"
+    compile: bool = False
+    sync_bn: bool = False
+    set_on_device: bool | None = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig, *, mode: str, factor: int, num_classes: int, compile: bool = False,
+           sync_bn: bool = False) -> "StudentSettings":
+        return cls(mode=mode, epochs=cfg.epochs, batch_size=cfg.resolved_batch_size(num_classes), seed=cfg.seed,
+                   factor=factor, lr=cfg.lr, weight_decay=cfg.weight_decay, temperature=cfg.temperature,
+                   cutmix_alpha=cfg.cutmix_alpha, alpha_dbr=cfg.alpha_dbr, dbr_distance=cfg.dbr_distance,
+                   dbr_temperature=cfg.dbr_temperature, dbr_sce_temperature=cfg.dbr_sce_temperature,
+                   recipe=cfg.recipe, compile=compile, sync_bn=sync_bn, set_on_device=cfg.set_on_device)
+
+
+def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: StudentSettings,
+                  rt: Runtime = QUIET, *, teacher: nn.Module | None = None, stored: torch.Tensor | None = None,
+                  checkpoint: "TrainCheckpoint | None" = None) -> nn.Module:
     """Train ``student`` on normalised synthetic ``images`` [N, C, S, S] with ``labels`` [N].
 
     ``recipe`` (:data:`RECIPES`): ``nrrdd`` draws CutMix per sample (a derangement as partners) and decays the
@@ -224,7 +266,9 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
     ``set_on_device``: copy the whole set to the device (None: when it fits, :func:`nrrdd.feed.set_on_device`)
     or leave it in host memory and stream each step's rows there; the batches are the same either way."""
-    device = torch.device(device)
+    st, dist, precision = settings, rt.dist, rt.precision
+    mode, epochs, batch_size, seed, factor = st.mode, st.epochs, st.batch_size, st.seed, st.factor
+    device = torch.device(rt.device)
     if mode == "online" and teacher is None:
         raise ValueError("label mode 'online' needs a teacher")
     if mode in ("soft", "dbr"):
@@ -235,36 +279,36 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                              f"training needs {epochs} x {len(images)}")
     if mode not in ("online", "soft", "dbr", "hard"):
         raise ValueError(f"unknown label mode {mode!r}: online, soft, dbr or hard")
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown student recipe {recipe!r}: {' or '.join(RECIPES)}")
+    if st.recipe not in RECIPES:
+        raise ValueError(f"unknown student recipe {st.recipe!r}: {' or '.join(RECIPES)}")
     N, S = images.shape[0], images.shape[-1]
     if dist.active and min(batch_size, N % batch_size or batch_size) < dist.world:
         raise ValueError(f"{dist.world} processes need at least {dist.world} samples in every batch, but the "
                          f"batches hold {batch_size} and {N % batch_size} (synthetic set of {N}): change --batch-size")
-    if sync_bn:
+    if st.sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
-    opt = torch.optim.AdamW(_param_groups(student, weight_decay), lr=lr)
+    opt = torch.optim.AdamW(_param_groups(student, st.weight_decay), lr=st.lr)
     steps_per_epoch = math.ceil(N / batch_size)
-    schedule = (_cosine(epochs * steps_per_epoch) if recipe == "nrrdd"
+    schedule = (_cosine(epochs * steps_per_epoch) if st.recipe == "nrrdd"
                 else _rded_schedule(epochs, steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    mix_batch = batch_size if recipe == "rded" else 0
+    mix_batch = batch_size if st.recipe == "rded" else 0
     reduction = "none" if dist.active else "mean"          # several processes: per sample, summed below
-    dbr = dbr_criterion(alpha_dbr, dbr_temperature, dbr_distance, dbr_sce_temperature, reduction)
+    dbr = dbr_criterion(st.alpha_dbr, st.dbr_temperature, st.dbr_distance, st.dbr_sce_temperature, reduction)
     first_epoch = checkpoint.restore(student, opt, sched) if checkpoint is not None else 0
-    feed = SetFeed(images, labels, factor=factor, device=device, resident=set_on_device)
+    feed = SetFeed(images, labels, factor=factor, device=device, resident=st.set_on_device)
     model = student
     if dist.active:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
-    fwd_student = torch.compile(model, dynamic=False) if compile else model
-    fwd_teacher = torch.compile(teacher, dynamic=False) if compile and teacher is not None else teacher
-    for e in progress(range(first_epoch, epochs), desc=f"student[{mode}]", enable=show_progress and dist.is_main,
+    fwd_student = torch.compile(model, dynamic=False) if st.compile else model
+    fwd_teacher = torch.compile(teacher, dynamic=False) if st.compile and teacher is not None else teacher
+    for e in progress(range(first_epoch, epochs), desc=f"student[{mode}]", enable=rt.show_progress and dist.is_main,
                       total=epochs, initial=first_epoch):
-        aug = epoch_augment(seed, e, N, S, factor, cutmix_alpha, mix_batch)
+        aug = epoch_augment(seed, e, N, S, factor, st.cutmix_alpha, mix_batch)
         order = torch.from_numpy(epoch_order(seed, e, N))
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         starts = range(0, N, batch_size)
@@ -282,9 +326,9 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 if mode == "online":
                     with torch.no_grad(), autocast(device, precision):
                         t = fwd_teacher(x).float()
-                    loss = kd_loss(out, t, temperature, reduction)
+                    loss = kd_loss(out, t, st.temperature, reduction)
                 elif mode == "soft":
-                    loss = kd_loss(out, kept.float(), temperature, reduction)
+                    loss = kd_loss(out, kept.float(), st.temperature, reduction)
                 elif mode == "dbr":
                     d = kept.float()
                     loss = dbr(out, y_org, y_aug, lam, d[:, 0], d[:, 1])

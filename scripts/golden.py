@@ -1,8 +1,8 @@
 """Fingerprints of a small real Fashion-MNIST run, for checking that a refactor changes no output.
 
-    python scripts/golden.py OUT_DIR > before.json      # on the old code
-    python scripts/golden.py OUT_DIR2 > after.json      # on the new code, same machine
-    diff before.json after.json                         # empty: the outputs are the same, bit for bit
+    python scripts/golden.py OUT_DIR                    # on the old code: OUT_DIR/fingerprints.json
+    python scripts/golden.py OUT_DIR2                   # on the new code, same machine
+    diff OUT_DIR/fingerprints.json OUT_DIR2/fingerprints.json   # empty: the same outputs, bit for bit
 
 It trains a teacher (1 epoch on 2,000 images), distils IPC 2 with NRR-DD, RDED, random and SRe2L, relabels
 (soft, DBR) and trains a student per label mode (5 epochs), all on one thread, and prints the sha256 of every
@@ -11,7 +11,6 @@ on the same machine, not against a file from another.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import sys
@@ -28,9 +27,7 @@ def sha(path: Path) -> str:
 
 
 def call(*args: str) -> None:
-    with contextlib.redirect_stdout(sys.stderr):            # stdout holds the fingerprints only
-        code = nrrdd([*args, *DATA])
-    if code != 0:
+    if nrrdd([*args, *DATA]) != 0:
         raise SystemExit(f"nrrdd {' '.join(args)} failed")
 
 
@@ -56,7 +53,8 @@ def main() -> None:
             for f in sorted(syn.glob(f"eval_{mode}_*.json")):
                 r = json.loads(f.read_text())
                 prints[f"{method}/{f.name}"] = f"test {r['test_top1']} val {r['val_top1']}"
-    print(json.dumps(prints, indent=1))
+    (out / "fingerprints.json").write_text(json.dumps(prints, indent=1) + "\n")
+    print(out / "fingerprints.json")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""The README's results tables: ``nrrdd compare`` with the defaults of nrrdd/config.py, seeds 0-2, IPC 1, 10, 50.
+"""The results tables of docs/results.md: ``nrrdd compare`` with the defaults of nrrdd/config.py, seeds 0-2, IPC 1, 10, 50.
 
     python scripts/results_table.py --teacher runs/teachers/fashion-mnist_conv3_e10_s0/teacher.pt
     python scripts/results_table.py --dataset mnist --teacher runs/teachers/mnist_conv3_e3_s0/teacher.pt
 
-Fashion-MNIST: every row of the README table (SRe2L at IPC 10 only, appended to the same results file).
+Fashion-MNIST: every row of the results table (SRe2L at IPC 10 only, appended to the same results file).
 MNIST: the second table's rows. Any other flag goes to ``nrrdd compare`` unchanged. Re-running continues the
 results file.
 """

@@ -10,7 +10,7 @@ from imagefolders import SMALL_FMNIST, bad_input_folder, imagenet_jpegs, needs_f
 
 from nrrdd.cli import main
 
-pytestmark = needs_fmnist
+pytestmark = [needs_fmnist, pytest.mark.slow]
 
 
 def check(capsys, *args) -> tuple[int, str]:

@@ -21,6 +21,8 @@ TINY = ["--mipc", "10", "--nrr-iterations", "5", "--re-epochs", "5"]
 RUN_KEYS = {"ipc", "seed", "method", "labels", "epochs", "test_top1", "val_top1", "label_bytes", "eval_s"}
 TIMING_KEYS = {"discover", "refine", "write", "relabel"}
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -83,7 +83,7 @@ def test_a_synthetic_set_with_nan_is_refused_naming_the_images(tmp_path):
     """read_synthetic checks the set a chunk of images at a time (a whole-set mask is a quarter of the set):
     images in any chunk are found, and named."""
     from nrrdd.io import atomic_save_safetensors
-    from nrrdd.pipeline import read_synthetic
+    from nrrdd.rundir import read_synthetic
 
     images, labels = torch.zeros(600, 1, 2, 2), torch.arange(600) % 7
     atomic_save_safetensors(tmp_path / "synthetic.safetensors", {"images": images, "labels": labels})

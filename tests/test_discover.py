@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nrrdd.data import Normalizer, TensorImageSet
-from nrrdd.discover import cam_ratio, discover
+from nrrdd.discover import DiscoverSettings, cam_ratio, discover
 
 
 class BrightnessTeacher(nn.Module):
@@ -36,8 +36,8 @@ def _constant_images():
 @pytest.mark.parametrize("method,expect", [("nrrdd", [10, 20, 30]), ("rded", [250, 220, 200])])
 def test_cidd_keeps_least_confident_rded_most_confident(method, expect):
     data, values = _constant_images()
-    d = discover(method, BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=3, mipc=10, num_crop=3,
-                 factor=1, seed=0, show_progress=False)
+    d = discover(BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method=method, ipc=3, mipc=10, num_crop=3, factor=1, seed=0))
     picked = [round(float(d.images[i].mean()) * 255) for i in range(3)]
     assert d.labels[:3].tolist() == [0, 0, 0]
     assert sorted(picked) == sorted(expect)
@@ -47,17 +47,17 @@ def test_cidd_keeps_least_confident_rded_most_confident(method, expect):
 
 def test_cidd_keep_high_is_rdeds_rule():
     data, _ = _constant_images()
-    d = discover("nrrdd", BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=2, mipc=10, num_crop=2,
-                 factor=1, seed=0, keep="high", show_progress=False)
+    d = discover(BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="nrrdd", ipc=2, mipc=10, num_crop=2, factor=1, seed=0, keep="high"))
     assert [round(float(d.images[i].mean()) * 255) for i in range(2)] == [250, 220]
 
 
 def test_random_uses_whole_images_and_is_seeded():
     data, _ = _constant_images()
-    a = discover("random", None, data, Normalizer((0.0,), (1.0,)), ipc=2, mipc=10, num_crop=1, factor=1, seed=3,
-                 show_progress=False)
-    b = discover("random", None, data, Normalizer((0.0,), (1.0,)), ipc=2, mipc=10, num_crop=1, factor=1, seed=3,
-                 show_progress=False)
+    a = discover(None, data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="random", ipc=2, mipc=10, num_crop=1, factor=1, seed=3))
+    b = discover(None, data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="random", ipc=2, mipc=10, num_crop=1, factor=1, seed=3))
     assert torch.equal(a.images, b.images) and a.images.shape == (4, 1, 8, 8)
     assert all(s["box"] == [0, 0, 8, 8] for s in a.sources)
 
@@ -73,8 +73,8 @@ def test_cam_ratio_counts_mass_inside_the_box():
 def test_too_few_candidates_is_a_clear_error():
     data, _ = _constant_images()
     with pytest.raises(ValueError, match="candidate images"):
-        discover("rded", BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=4, mipc=3, num_crop=1,
-                 factor=1, seed=0, show_progress=False)
+        discover(BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="rded", ipc=4, mipc=3, num_crop=1, factor=1, seed=0))
 
 
 def test_assembling_some_rows_gives_exactly_those_rows_of_the_whole_set():
@@ -85,12 +85,14 @@ def test_assembling_some_rows_gives_exactly_those_rows_of_the_whole_set():
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(40, 1, 16, 16, generator=g) * 255).to(torch.uint8)
     data = TensorImageSet(images, torch.arange(40) % 2, ["zero", "one"])
-    kw = dict(ipc=3, mipc=20, num_crop=3, factor=2, seed=0, show_progress=False)
+    kw = dict(ipc=3, mipc=20, num_crop=3, factor=2, seed=0)
     norm = Normalizer((0.5,), (0.25,))
-    sel = select("rded", BrightnessTeacher().eval(), data, norm, **kw)
+    sel = select(BrightnessTeacher().eval(), data, norm, DiscoverSettings(method="rded", **kw))
     assert sel.images is None and len(sel.sources) == 2 * 3 * 4
-    whole = assemble(sel, data, norm, factor=2)
-    part = assemble(sel, data, norm, factor=2, rows=torch.tensor([4, 1]))
+    settings = DiscoverSettings(method="rded", **kw)
+    whole = assemble(sel, data, norm, settings)
+    part = assemble(sel, data, norm, settings, rows=torch.tensor([4, 1]))
     assert whole.rows is None and part.rows.tolist() == [4, 1]
     assert torch.equal(part.images[[4, 1]], whole.images[[4, 1]])
-    assert torch.equal(whole.images, discover("rded", BrightnessTeacher().eval(), data, norm, **kw).images)
+    assert torch.equal(whole.images, discover(BrightnessTeacher().eval(), data, norm,
+                                              DiscoverSettings(method="rded", **kw)).images)

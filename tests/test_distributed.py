@@ -28,6 +28,8 @@ from imagefolders import fmnist_png_folder, needs_fmnist
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
+pytestmark = pytest.mark.slow
+
 
 def _command(n: int, args: list[str]) -> list[str]:
     if n == 1:
@@ -117,7 +119,8 @@ def _train_worker(rank: int, world: int, init: str, mode: str, result: str, norm
 
     from nrrdd.dist import Dist
     from nrrdd.models import ConvNet
-    from nrrdd.train import train_student
+    from nrrdd.runtime import Runtime
+    from nrrdd.train import StudentSettings, train_student
 
     torch.set_num_threads(1)
     dist = Dist(rank, world)
@@ -128,8 +131,8 @@ def _train_worker(rank: int, world: int, init: str, mode: str, result: str, norm
     stored = torch.rand(3, 24, 2, generator=g).half() + 0.5
     torch.manual_seed(0)
     model = ConvNet(4, depth=2, width=16, channels=1, im_size=28, norm=norm)
-    train_student(model, images, labels, mode=mode, epochs=3, batch_size=8, seed=0, factor=1, stored=stored,
-                  show_progress=False, dist=dist)
+    train_student(model, images, labels, StudentSettings(mode=mode, epochs=3, batch_size=8, seed=0, factor=1),
+                  Runtime(dist=dist, show_progress=False), stored=stored)
     if world > 1:                   # every rank ends with the same model, BatchNorm statistics included
         states = [None] * world
         tdist.all_gather_object(states, model.state_dict())
@@ -189,12 +192,13 @@ def test_one_process_commands_are_refused_under_torchrun(monkeypatch, capsys):
 def test_batches_too_small_to_split_are_refused():
     from nrrdd.dist import Dist
     from nrrdd.models import ConvNet
-    from nrrdd.train import train_student
+    from nrrdd.runtime import Runtime
+    from nrrdd.train import StudentSettings, train_student
 
     model = ConvNet(4, depth=1, width=4, channels=1, im_size=28)
     with pytest.raises(ValueError, match="at least 2 samples in every batch"):     # 9 = 8 + 1: the last is 1
-        train_student(model, torch.zeros(9, 1, 28, 28), torch.zeros(9, dtype=torch.long), mode="hard", epochs=1,
-                      batch_size=8, seed=0, factor=1, dist=Dist(0, 2))
+        train_student(model, torch.zeros(9, 1, 28, 28), torch.zeros(9, dtype=torch.long),
+                      StudentSettings(mode="hard", epochs=1, batch_size=8, seed=0, factor=1), Runtime(dist=Dist(0, 2)))
 
 
 def test_sync_bn_is_refused_on_the_cpu():
@@ -263,18 +267,19 @@ def work(rank, world, tmp, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
     from nrrdd.dist import setup
-    from nrrdd.relabel import relabel, LabelParts
+    from nrrdd.relabel import relabel, LabelParts, RelabelSettings
+    from nrrdd.runtime import Runtime
     dist, _ = setup(torch.device("cpu"), timeout_min=0.5)
     torch.manual_seed(0)
     t = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7)).eval()
     images, labels = torch.randn(10, 1, 8, 8), torch.arange(10) % 7
-    kw = dict(mode="soft", epochs=4, seed=3, factor=1, batch_size=4, show_progress=False)
-    relabel(t, images, labels, parts=LabelParts(Path(tmp) / "p", {"r": 1}, every=2), dist=dist, **kw)
+    settings, rt = RelabelSettings(mode="soft", epochs=4, seed=3, factor=1, batch_size=4), Runtime(dist=dist, show_progress=False)
+    relabel(t, images, labels, settings, rt, parts=LabelParts(Path(tmp) / "p", {"r": 1}, every=2))
     dist.barrier()                                  # killed here: every chunk on disk, no label file yet
     if rank == 1:
         time.sleep(2)                               # a follower slower to start than rank 0
     p = LabelParts(Path(tmp) / "p", {"r": 1}, every=2)
-    relabel(t, images, labels, parts=p, dist=dist, **kw)
+    relabel(t, images, labels, settings, rt, parts=p)
     if rank == 0:
         p.write(Path(tmp) / "l.safetensors", 4, mode="soft", seed=3, factor=1, cutmix_alpha=1.0, temperature=1.0,
                 synthetic_sha256="x")
@@ -319,12 +324,13 @@ def work(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
     from nrrdd.dist import setup
-    from nrrdd.relabel import relabel
+    from nrrdd.relabel import relabel, RelabelSettings
+    from nrrdd.runtime import Runtime
     dist, _ = setup(torch.device("cpu"), timeout_min=0.5)
     images, labels = torch.randn(10, 1, 8, 8), torch.arange(10) % 7
     try:
-        relabel(NaNOnRank1(rank), images, labels, mode="dbr", epochs=3, seed=0, factor=1, batch_size=4,
-                show_progress=False, dist=dist)
+        relabel(NaNOnRank1(rank), images, labels, RelabelSettings(mode="dbr", epochs=3, seed=0, factor=1,
+                batch_size=4), Runtime(dist=dist, show_progress=False))
     except FloatingPointError as e:
         print(f"rank {rank}: {e}", flush=True)
 

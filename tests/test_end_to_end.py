@@ -10,7 +10,7 @@ from imagefolders import SMALL_FMNIST, needs_fmnist
 
 from nrrdd.cli import main
 
-pytestmark = needs_fmnist
+pytestmark = [needs_fmnist, pytest.mark.slow]
 
 
 

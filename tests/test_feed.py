@@ -10,8 +10,9 @@ import torch
 
 from nrrdd.augment import epoch_augment, mixed_batch
 from nrrdd.feed import SetFeed, set_on_device
-from nrrdd.relabel import relabel
-from nrrdd.train import train_student
+from nrrdd.relabel import RelabelSettings, relabel
+from nrrdd.runtime import QUIET, Runtime
+from nrrdd.train import StudentSettings, train_student
 
 # "cuda" without an index as runs in one process name it, "cuda:N" as torchrun's processes do
 DEVICES = ["cpu"] + (["cuda", f"cuda:{torch.cuda.device_count() - 1}"] if torch.cuda.is_available() else [])
@@ -83,8 +84,8 @@ def test_an_error_in_the_consumer_leaves_no_thread():
     feed's thread must be gone all the same."""
     images, labels = _set()
     with pytest.raises(torch.OutOfMemoryError) as err:
-        train_student(_FailsAtStep(), images, labels, mode="hard", epochs=2, batch_size=4, seed=0, factor=2,
-                      show_progress=False, set_on_device=False)
+        train_student(_FailsAtStep(), images, labels,
+                      StudentSettings(mode="hard", epochs=2, batch_size=4, seed=0, factor=2, set_on_device=False))
     assert err.value.__traceback__ is not None and not _feed_threads()
 
 
@@ -160,18 +161,20 @@ def _teacher(c=3, s=16, k=5):
 @pytest.mark.parametrize("device", DEVICES)
 def test_relabel_and_training_are_the_same_from_host_or_device(device):
     images, labels = _set()
-    kw = dict(epochs=3, seed=4, factor=2, batch_size=4, show_progress=False, device=device)
+    kw = dict(epochs=3, seed=4, factor=2, batch_size=4)
+    rt = Runtime(device=torch.device(device), show_progress=False)
     made = {}
     for mode in ("dbr", "soft"):
-        a = relabel(_teacher().to(device), images, labels, mode=mode, set_on_device=True, **kw)
-        b = relabel(_teacher().to(device), images, labels, mode=mode, set_on_device=False, **kw)
+        a = relabel(_teacher().to(device), images, labels, RelabelSettings(mode=mode, set_on_device=True, **kw), rt)
+        b = relabel(_teacher().to(device), images, labels, RelabelSettings(mode=mode, set_on_device=False, **kw), rt)
         assert torch.equal(a, b)
         made[mode] = a
     students = []
     for on_device in (True, False):
         torch.manual_seed(1)
         student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
-        students.append(train_student(student, images, labels, mode="dbr", stored=made["dbr"], set_on_device=on_device, **kw))
+        settings = StudentSettings(mode="dbr", set_on_device=on_device, **kw)
+        students.append(train_student(student, images, labels, settings, rt, stored=made["dbr"]))
     for p, q in zip(students[0].state_dict().values(), students[1].state_dict().values()):
         assert torch.equal(p, q)
 
@@ -201,16 +204,19 @@ def test_a_training_step_never_waits_on_the_host_for_the_gpu(mode):
     images, labels = _set(n=64, s=16)
     stored = None
     if mode in ("dbr", "soft"):
-        kw = dict(mode=mode, epochs=3, seed=0, factor=2, batch_size=8, show_progress=False, device="cuda")
+        kw = dict(mode=mode, epochs=3, seed=0, factor=2, batch_size=8)
+        cuda = Runtime(device=torch.device("cuda"), show_progress=False)
         for on_device in (True, False):
             teacher = _teacher().cuda()
-            waits = _host_waits(lambda: relabel(teacher, images, labels, set_on_device=on_device, **kw))
+            waits = _host_waits(lambda: relabel(teacher, images, labels,
+                                                RelabelSettings(set_on_device=on_device, **kw), cuda))
             assert max(waits.values(), default=0) <= 3, waits
-        stored = relabel(_teacher(), images, labels, **{**kw, "device": "cpu"})
+        stored = relabel(_teacher(), images, labels, RelabelSettings(**kw), QUIET)
     for on_device in (True, False):
         student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5)).cuda()
         teacher = _teacher().cuda() if mode == "online" else None
         waits = _host_waits(lambda: train_student(
-            student, images, labels, mode=mode, stored=stored, teacher=teacher, epochs=3, batch_size=8, seed=0,
-            factor=2, device="cuda", show_progress=False, set_on_device=on_device))
+            student, images, labels, StudentSettings(mode=mode, epochs=3, batch_size=8, seed=0, factor=2,
+                                                     set_on_device=on_device),
+            Runtime(device=torch.device("cuda"), show_progress=False), stored=stored, teacher=teacher))
         assert max(waits.values(), default=0) <= 3, waits

@@ -19,7 +19,8 @@ import pytest
 
 from nrrdd.kernels import aot
 
-pytestmark = pytest.mark.skipif(not aot.supported(), reason="needs Triton 3.4 or newer (nrrdd.kernels.aot)")
+pytestmark = [pytest.mark.skipif(not aot.supported(), reason="needs Triton 3.4 or newer (nrrdd.kernels.aot)"),
+              pytest.mark.slow]
 
 ARCHS = (80, 90, 100)
 

@@ -184,6 +184,7 @@ def fm_folder_teacher(tmp_path_factory):
     return data, out / "teacher.pt", root
 
 
+@pytest.mark.slow
 @needs_dali
 @needs_fmnist
 def test_distill_selects_the_same_patches_with_dali_and_torch(fm_folder_teacher, tmp_path):
@@ -206,6 +207,7 @@ def test_distill_selects_the_same_patches_with_dali_and_torch(fm_folder_teacher,
     assert abs(ed["test_top1"] - et["test_top1"]) <= 1.0              # 100 test images: at most one differs
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_folder_classes_not_matching_the_teacher_stop_the_run(fm_folder_teacher, tmp_path, capsys):
     import shutil
@@ -259,6 +261,7 @@ def test_undecodable_files_anywhere_in_the_stream_are_skipped_once(tmp_path, bac
     assert names == [f"{2 * k + 1:02d}.jpg" for k in range(7)]
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_teacher_training_skips_undecodable_files_and_lists_them(tmp_path, backend):

@@ -77,6 +77,7 @@ def test_input_size_from_files_square_and_mixed(tmp_path):
     assert size == 48 and "median short side, 48 px" in rule and "40..56" in rule
 
 
+@pytest.mark.slow
 def test_rdeds_command_runs_in_a_tinyimagenet_shaped_folder(tmp_path, monkeypatch, capsys):
     """RDED's flags, unchanged but for small counts, in a Tiny-ImageNet-shaped folder of 64 px images."""
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from nrrdd.models import ConvNet
-from nrrdd.refine import BNStatLoss, NonFiniteError, refine
+from nrrdd.refine import BNStatLoss, NonFiniteError, RefineSettings, refine
 
 
 def _teacher():
@@ -22,7 +22,7 @@ def test_critical_pixels_are_bit_identical_and_bounds_hold():
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1                 # inside [lo, hi] = [-1, 1]
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     lo, hi = torch.tensor([-1.0]), torch.tensor([1.0])
-    r = refine(teacher, x0, y, lo, hi, iterations=30, eps=0.5, lr=0.25, batch_size=4, show_progress=False)
+    r = refine(teacher, x0, y, (lo, hi), RefineSettings(iterations=30, eps=0.5, lr=0.25, batch_size=4))
     crit = (r.masks == 0).expand_as(x0)
     assert crit.any() and (~crit).any()
     assert torch.equal(r.images[crit], x0[crit])        # exactly unchanged
@@ -37,7 +37,7 @@ def test_unmasked_refinement_lowers_the_loss():
     y = torch.tensor([0, 1, 2])
     lo, hi = torch.tensor([-3.0]), torch.tensor([3.0])
     ce0 = nn.functional.cross_entropy(teacher(x0), y)
-    r = refine(teacher, x0, y, lo, hi, iterations=40, masked=False, a_bn=0.0, show_progress=False)
+    r = refine(teacher, x0, y, (lo, hi), RefineSettings(iterations=40, masked=False, a_bn=0.0))
     assert nn.functional.cross_entropy(teacher(r.images), y) < ce0
 
 
@@ -62,8 +62,8 @@ def test_teacher_without_batchnorm_warns_and_still_refines():
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
     x0 = torch.rand(2, 1, 6, 6)
     with pytest.warns(UserWarning, match="no BatchNorm"):
-        r = refine(net.eval(), x0, torch.tensor([0, 1]), torch.tensor([-5.0]), torch.tensor([5.0]), iterations=2,
-                   show_progress=False)
+        r = refine(net.eval(), x0, torch.tensor([0, 1]), (torch.tensor([-5.0]), torch.tensor([5.0])),
+                   RefineSettings(iterations=2))
     assert r.images.shape == x0.shape
 
 
@@ -72,8 +72,8 @@ def test_nan_input_stops_with_a_named_error():
     x0 = torch.rand(2, 1, 8, 8)
     x0[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="step 0"):
-        refine(teacher, x0, torch.tensor([0, 1]), torch.tensor([-1.0]), torch.tensor([1.0]), iterations=3,
-               masked=False, show_progress=False)
+        refine(teacher, x0, torch.tensor([0, 1]), (torch.tensor([-1.0]), torch.tensor([1.0])),
+               RefineSettings(iterations=3, masked=False))
 
 
 def test_refining_into_the_input_gives_the_same_images():
@@ -84,12 +84,12 @@ def test_refining_into_the_input_gives_the_same_images():
     x = torch.randn(23, 1, 8, 8)
     y = torch.arange(23) % 3
     lo, hi = torch.tensor([-2.0]), torch.tensor([2.0])
-    kw = dict(iterations=3, batch_size=5, show_progress=False)
-    apart = refine(teacher, x.clone(), y, lo, hi, **kw)
+    settings = RefineSettings(iterations=3, batch_size=5)
+    apart = refine(teacher, x.clone(), y, (lo, hi), settings)
     inplace_in = x.clone()
-    inplace = refine(teacher, inplace_in, y, lo, hi, out=inplace_in, **kw)
+    inplace = refine(teacher, inplace_in, y, (lo, hi), settings, out=inplace_in)
     assert inplace.images is inplace_in
     assert torch.equal(inplace.images, apart.images) and torch.equal(inplace.masks, apart.masks)
     assert not torch.equal(apart.images, x)                 # refinement moved something
     with pytest.raises(ValueError, match="out has shape"):
-        refine(teacher, x, y, lo, hi, out=x[:3], **kw)
+        refine(teacher, x, y, (lo, hi), settings, out=x[:3])

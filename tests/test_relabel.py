@@ -1,11 +1,13 @@
 """Stage 3a's storage: labels go to disk a chunk of epochs at a time and the label file is streamed from the
 chunks, so the whole [E, N, C] tensor (30 GB of soft labels at ImageNet-1K IPC 50 x 300 epochs) is never in
 memory; the file is the one the whole tensor would give, to the byte."""
+import dataclasses
+
 import pytest
 import torch
 
 from nrrdd.io import atomic_concat_safetensors, load_safetensors
-from nrrdd.relabel import LabelParts, relabel, save_labels
+from nrrdd.relabel import LabelParts, RelabelSettings, relabel, save_labels
 
 
 def _teacher():
@@ -16,11 +18,11 @@ def _teacher():
 def test_labels_in_chunks_make_the_file_the_whole_tensor_makes(tmp_path):
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(10, 1, 8, 8, generator=g), torch.arange(10) % 7
-    kw = dict(mode="soft", epochs=7, seed=3, factor=1, batch_size=4, show_progress=False)
-    whole = relabel(_teacher(), images, labels, **kw)
+    settings = RelabelSettings(mode="soft", epochs=7, seed=3, factor=1, batch_size=4)
+    whole = relabel(_teacher(), images, labels, settings)
     assert whole.shape == (7, 10, 7)
     parts = LabelParts(tmp_path / "parts", {"run": 1}, every=3)
-    assert relabel(_teacher(), images, labels, parts=parts, **kw) is None     # the labels stay on disk
+    assert relabel(_teacher(), images, labels, settings, parts=parts) is None     # the labels stay on disk
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [
         "epochs_00000-00003.safetensors", "epochs_00003-00006.safetensors", "epochs_00006-00007.safetensors"]
     meta = dict(mode="soft", seed=3, factor=1, cutmix_alpha=1.0, temperature=1.0, synthetic_sha256="abc")
@@ -34,14 +36,15 @@ def test_labels_in_chunks_make_the_file_the_whole_tensor_makes(tmp_path):
 def test_a_resumed_relabelling_starts_after_its_last_chunk(tmp_path):
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randn(6, 1, 8, 8, generator=g), torch.arange(6) % 7
-    kw = dict(mode="dbr", epochs=5, seed=0, factor=1, batch_size=4, show_progress=False)
-    whole = relabel(_teacher(), images, labels, **kw)
+    settings = RelabelSettings(mode="dbr", epochs=5, seed=0, factor=1, batch_size=4)
+    whole = relabel(_teacher(), images, labels, settings)
     parts = LabelParts(tmp_path / "p", {"run": 1}, every=2)
-    relabel(_teacher(), images, labels, parts=parts, **{**kw, "epochs": 3})    # "killed" after epoch 2's chunk
+    # "killed" after epoch 2's chunk
+    relabel(_teacher(), images, labels, dataclasses.replace(settings, epochs=3), parts=parts)
     (tmp_path / "p" / "epochs_00002-00003.safetensors").unlink()                # (the last chunk never written)
     again = LabelParts(tmp_path / "p", {"run": 1}, every=2)
     assert again.first_epoch() == 2
-    relabel(_teacher(), images, labels, parts=again, **kw)
+    relabel(_teacher(), images, labels, settings, parts=again)
     again.write(tmp_path / "l.safetensors", 5, mode="dbr", seed=0, factor=1, cutmix_alpha=1.0, temperature=1.0,
                 synthetic_sha256="-")
     assert torch.equal(load_safetensors(tmp_path / "l.safetensors")[0]["labels"], whole)
@@ -87,5 +90,5 @@ def test_a_teacher_giving_nan_stops_the_relabelling_naming_the_batch(mode):
     """The check is read once per epoch (no host sync per batch on a GPU) but still names the first bad batch."""
     images, labels = torch.randn(13, 1, 8, 8), torch.arange(13) % 7
     with pytest.raises(FloatingPointError, match=r"NaN/inf labels at epoch 1, samples 8\.\."):
-        relabel(_NaNAtCall(bad_call=4 + 3), images, labels, mode=mode, epochs=3, seed=0, factor=1, batch_size=4,
-                show_progress=False)        # 4 batches an epoch: call 7 is epoch 1's third batch
+        relabel(_NaNAtCall(bad_call=4 + 3), images, labels,
+                RelabelSettings(mode=mode, epochs=3, seed=0, factor=1, batch_size=4))        # 4 batches an epoch: call 7 is epoch 1's third batch

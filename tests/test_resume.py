@@ -19,7 +19,7 @@ from imagefolders import needs_fmnist
 
 from nrrdd.cli import main
 
-pytestmark = needs_fmnist
+pytestmark = [needs_fmnist, pytest.mark.slow]
 SMALL = ["--train-limit", "2000", "--test-limit", "200", "--val-per-class", "20", "--threads", "1"]
 
 

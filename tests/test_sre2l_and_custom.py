@@ -59,6 +59,7 @@ def _evaluate(out, teacher, data):
     return json.loads((out / "eval_online_lenet.LeNet_s0.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nrrdd", "rded"])
 def test_custom_lenet_teacher_and_student_by_import_path(method, lenet, data, tmp_path):
     from nrrdd.cam import cam_kind
@@ -77,8 +78,9 @@ def test_custom_lenet_teacher_and_student_by_import_path(method, lenet, data, tm
     assert res["student"] == "lenet:LeNet" and res["test_top1"] > 30, res          # chance is 10%
 
 
+@pytest.mark.slow
 def test_sre2l_from_noise_beats_chance_and_is_reproducible(lenet_bn, data, tmp_path):
-    from nrrdd.pipeline import read_synthetic
+    from nrrdd.rundir import read_synthetic
 
     common = ["--method", "sre2l", "--ipc", "2", "--sre2l-iterations", "200", *lenet_bn, *data]
     assert main(["distill", "--out", str(tmp_path / "a"), *common]) == 0
@@ -110,23 +112,26 @@ def test_sre2l_noise_init_is_keyed_by_seed_and_class():
 
 def test_refine_jitter_and_flip_change_the_teacher_view_only():
     from nrrdd.models import ConvNet
-    from nrrdd.refine import refine
+    from nrrdd.refine import RefineSettings, refine
 
     torch.manual_seed(0)
     teacher = ConvNet(num_classes=3, depth=2, width=8, channels=1, im_size=8).eval()
     x0 = torch.rand(3, 1, 8, 8)
     y = torch.tensor([0, 1, 2])
     lo, hi = torch.tensor([-3.0]), torch.tensor([3.0])
-    kw = dict(iterations=5, masked=False, show_progress=False)
-    plain = refine(teacher, x0, y, lo, hi, **kw).images
-    assert torch.equal(refine(teacher, x0, y, lo, hi, jitter=0, flip=False, seed=9, **kw).images, plain)
-    jit = refine(teacher, x0, y, lo, hi, jitter=2, flip=True, seed=1, **kw).images
+    def run(**kw):
+        return refine(teacher, x0, y, (lo, hi), RefineSettings(iterations=5, masked=False, **kw)).images
+
+    plain = run()
+    assert torch.equal(run(jitter=0, flip=False, seed=9), plain)
+    jit = run(jitter=2, flip=True, seed=1)
     assert not torch.equal(jit, plain)
-    assert torch.equal(refine(teacher, x0, y, lo, hi, jitter=2, flip=True, seed=1, **kw).images, jit)
+    assert torch.equal(run(jitter=2, flip=True, seed=1), jit)
     with pytest.raises(ValueError, match="jitter"):
-        refine(teacher, x0, y, lo, hi, jitter=-1, **kw)
+        run(jitter=-1)
 
 
+@pytest.mark.slow
 def test_unusable_models_are_clear_errors(lenet, data, tmp_path, capsys):
     from lenet import MLP
 

@@ -14,11 +14,12 @@ from nrrdd.augment import epoch_augment, epoch_order
 from nrrdd.compare import dd_ranking, full_hard_top1
 from nrrdd.config import RunConfig
 from nrrdd.data import Normalizer, TensorImageSet
-from nrrdd.discover import candidate_boxes, crop_scale_for, discover
+from nrrdd.discover import DiscoverSettings, candidate_boxes, crop_scale_for, discover
 from nrrdd.kernels import dbr_loss_reference
 from nrrdd.models import ConvNet
-from nrrdd.refine import _MaskedSGD, refine
-from nrrdd.train import _rded_schedule, dbr_criterion, dbr_loss_decoupled, train_student, train_teacher
+from nrrdd.refine import RefineSettings, _MaskedSGD, refine
+from nrrdd.runtime import Runtime
+from nrrdd.train import StudentSettings, TeacherSettings, _rded_schedule, dbr_criterion, dbr_loss_decoupled, train_student, train_teacher
 
 from test_discover import BrightnessTeacher, _constant_images
 
@@ -44,8 +45,8 @@ def test_whole_image_candidate_wins_cidd_on_cam_ratio():
     # the whole image holds all of the CAM (ratio 1), so CIDD keeps it for every image of class 0 (class 1's
     # CAM is zero for this teacher: every ratio ties at 0 and the first random crop is kept)
     data, _ = _constant_images()
-    d = discover("nrrdd", BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=2, mipc=10, num_crop=2,
-                 factor=1, seed=0, whole_image=True, show_progress=False)
+    d = discover(BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="nrrdd", ipc=2, mipc=10, num_crop=2, factor=1, seed=0, whole_image=True))
     assert [s["box"] for s in d.sources if s["class"] == 0] == [[0, 0, 8, 8]] * 2
     assert any(s["box"] != [0, 0, 8, 8] for s in d.sources if s["class"] == 1)
 
@@ -60,8 +61,8 @@ def test_cidd_quantile_slides_a_window_along_the_confidence_ranking(quantile, ex
     # class 0's ten candidates ranked by confidence (= brightness): 10 20 30 60 90 120 160 200 220 250;
     # a window of 3 starting round(q * (10 - 3)) down the ranking: 0, round(3.5) = 4, 7
     data, _ = _constant_images()
-    d = discover("nrrdd", BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=3, mipc=10, num_crop=2,
-                 factor=1, seed=0, quantile=quantile, show_progress=False)
+    d = discover(BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="nrrdd", ipc=3, mipc=10, num_crop=2, factor=1, seed=0, quantile=quantile))
     assert _picked(d, 3) == expect
 
 
@@ -79,10 +80,11 @@ class BiasedBrightnessTeacher(BrightnessTeacher):
 def test_cidd_correct_keeps_the_least_confident_of_the_correctly_classified():
     data, _ = _constant_images()
     teacher = BiasedBrightnessTeacher().eval()
-    args = dict(ipc=3, mipc=10, num_crop=2, factor=1, seed=0, show_progress=False)
-    plain = discover("nrrdd", teacher, data, Normalizer((0.0,), (1.0,)), **args)
+    args = dict(ipc=3, mipc=10, num_crop=2, factor=1, seed=0)
+    plain = discover(teacher, data, Normalizer((0.0,), (1.0,)), DiscoverSettings(method="nrrdd", **args))
     assert _picked(plain, 3) == [10, 20, 30]                          # all assigned to class 1 by the teacher
-    correct = discover("nrrdd", teacher, data, Normalizer((0.0,), (1.0,)), correct_only=True, **args)
+    correct = discover(teacher, data, Normalizer((0.0,), (1.0,)),
+                       DiscoverSettings(method="nrrdd", correct_only=True, **args))
     assert _picked(correct, 3) == [160, 200, 220]                     # the correct ones: 160 200 220 250
     # class 1 (the same images): bright ones are misclassified; correct are 10..120, least confident last
     assert [round(float(correct.images[3 + i].mean()) * 255) for i in range(3)] == [120, 90, 60]
@@ -90,19 +92,19 @@ def test_cidd_correct_keeps_the_least_confident_of_the_correctly_classified():
 
 def test_cidd_correct_falls_back_to_misclassified_when_too_few_are_correct():
     data, _ = _constant_images()
-    d = discover("nrrdd", BiasedBrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=6, mipc=10,
-                 num_crop=1, factor=1, seed=0, correct_only=True, show_progress=False)
+    d = discover(BiasedBrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="nrrdd", ipc=6, mipc=10, num_crop=1, factor=1, seed=0, correct_only=True))
     assert _picked(d, 6) == [160, 200, 220, 250, 10, 20]              # 4 correct, then the least confident others
 
 
 def test_cidd_rule_arguments_are_checked():
     data, _ = _constant_images()
     with pytest.raises(ValueError, match="quantile"):
-        discover("nrrdd", BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=1, mipc=10, num_crop=1,
-                 factor=1, seed=0, quantile=1.5, show_progress=False)
+        discover(BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="nrrdd", ipc=1, mipc=10, num_crop=1, factor=1, seed=0, quantile=1.5))
     with pytest.raises(ValueError, match="keep"):
-        discover("nrrdd", BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)), ipc=1, mipc=10, num_crop=1,
-                 factor=1, seed=0, keep="middle", show_progress=False)
+        discover(BrightnessTeacher().eval(), data, Normalizer((0.0,), (1.0,)),
+                 DiscoverSettings(method="nrrdd", ipc=1, mipc=10, num_crop=1, factor=1, seed=0, keep="middle"))
 
 
 # --- refinement: where the mask enters ---------------------------------------------------------------------
@@ -131,8 +133,8 @@ def test_every_mask_mode_keeps_critical_pixels_and_moves_the_rest(mode):
     teacher = _small_teacher()
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    r = refine(teacher, x0, y, torch.tensor([-1.0]), torch.tensor([1.0]), iterations=5, eps=0.5,
-               lr=0.25 if mode != "sgd" else 50.0, mask_mode=mode, show_progress=False)
+    r = refine(teacher, x0, y, (torch.tensor([-1.0]), torch.tensor([1.0])),
+               RefineSettings(iterations=5, eps=0.5, lr=0.25 if mode != "sgd" else 50.0, mask_mode=mode))
     crit = (r.masks == 0).expand_as(x0)
     assert crit.any() and torch.equal(r.images[crit], x0[crit])
     assert not torch.equal(r.images[~crit], x0[~crit])
@@ -144,9 +146,9 @@ def test_mask_on_the_gradient_before_adam_is_a_binary_mask_on_the_first_step():
     x0 = torch.rand(4, 1, 8, 8) * 0.2 - 0.1
     y = torch.tensor([0, 1, 2, 0])
     lo, hi = torch.tensor([-5.0]), torch.tensor([5.0])
-    kw = dict(iterations=1, lr=0.01, adam_eps=1e-20, show_progress=False)
-    grad = refine(teacher, x0, y, lo, hi, mask_mode="grad", **kw)
-    step = refine(teacher, x0, y, lo, hi, mask_mode="step", **kw)
+    kw = dict(iterations=1, lr=0.01, adam_eps=1e-20)
+    grad = refine(teacher, x0, y, (lo, hi), RefineSettings(mask_mode="grad", **kw))
+    step = refine(teacher, x0, y, (lo, hi), RefineSettings(mask_mode="step", **kw))
     dg, ds = (grad.images - x0).abs(), (step.images - x0).abs()
     moved = (grad.masks > 0).expand_as(dg) & (dg > 0)           # (a zero gradient moves nothing either way)
     assert moved.float().mean() > 0.3
@@ -158,8 +160,8 @@ def test_mask_on_the_gradient_before_adam_is_a_binary_mask_on_the_first_step():
 
 def test_unknown_mask_mode_is_refused():
     with pytest.raises(ValueError, match="mask_mode"):
-        refine(_small_teacher(), torch.zeros(1, 1, 8, 8), torch.tensor([0]), torch.tensor([-1.0]),
-               torch.tensor([1.0]), iterations=1, mask_mode="gradient", show_progress=False)
+        refine(_small_teacher(), torch.zeros(1, 1, 8, 8), torch.tensor([0]), (torch.tensor([-1.0]),
+               torch.tensor([1.0])), RefineSettings(iterations=1, mask_mode="gradient"))
 
 
 # --- student recipe ----------------------------------------------------------------------------------------
@@ -195,8 +197,8 @@ def test_rded_recipe_trains_and_differs_from_the_default():
     def run(recipe):
         torch.manual_seed(0)
         s = ConvNet(num_classes=3, depth=2, width=8, channels=1, im_size=8)
-        return train_student(s, images, labels, mode="hard", epochs=2, batch_size=4, seed=0, factor=1,
-                             recipe=recipe, show_progress=False)
+        return train_student(s, images, labels, StudentSettings(mode="hard", epochs=2, batch_size=4, seed=0,
+                                                                factor=1, recipe=recipe))
 
     a, b = run("nrrdd"), run("rded")
     assert not torch.equal(a.classifier.weight, b.classifier.weight)
@@ -259,8 +261,9 @@ def test_teacher_weight_decay_is_applied():
     def norm(wd):
         torch.manual_seed(0)
         m = ConvNet(num_classes=4, depth=2, width=8, channels=1, im_size=8)
-        train_teacher(m, data, Normalizer((0.5,), (0.5,)), epochs=2, lr=0.1, batch_size=10, seed=0,
-                      weight_decay=wd, show_progress=False, loader="torch")
+        train_teacher(m, data, Normalizer((0.5,), (0.5,)),
+                      TeacherSettings(epochs=2, lr=0.1, batch_size=10, seed=0, weight_decay=wd),
+                      Runtime(loader="torch", show_progress=False))
         return float(m.classifier.weight.detach().norm())
 
     assert norm(0.5) < norm(0.0)

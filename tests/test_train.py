@@ -1,9 +1,10 @@
 """Student training: torch.compile matches eager and compiles once per batch shape, not per batch (one cold
 compile on the CPU, ~20-40 s: the only compile of a student in the suite); a NaN loss names its epoch and step."""
+import pytest
 import torch
 
 from nrrdd.models import build_model
-from nrrdd.train import train_student
+from nrrdd.train import StudentSettings, train_student
 
 
 def _train(compile: bool):
@@ -12,11 +13,12 @@ def _train(compile: bool):
     teacher = build_model("conv3", 4, 1, 16).eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(20, 1, 16, 16, generator=g), torch.arange(20) % 4
-    train_student(student, x, y, mode="online", epochs=3, batch_size=8, seed=0, factor=1, teacher=teacher,
-                  compile=compile, show_progress=False)
+    train_student(student, x, y, StudentSettings(mode="online", epochs=3, batch_size=8, seed=0, factor=1,
+                                                 compile=compile), teacher=teacher)
     return student
 
 
+@pytest.mark.slow
 def test_compiled_student_training_matches_eager_and_compiles_once_per_shape():
     import torch._dynamo
 
@@ -38,5 +40,5 @@ def test_non_finite_student_loss_names_epoch_and_step():
     x, y = torch.randn(12, 1, 16, 16), torch.arange(12) % 4
     x[5] = float("nan")                      # sample 5 lands in some batch of epoch 0
     with pytest.raises(FloatingPointError, match=r"epoch 0, step \d"):
-        train_student(build_model("conv3", 4, 1, 16), x, y, mode="hard", epochs=2, batch_size=4, seed=0, factor=1,
-                      show_progress=False)
+        train_student(build_model("conv3", 4, 1, 16), x, y,
+                      StudentSettings(mode="hard", epochs=2, batch_size=4, seed=0, factor=1))
