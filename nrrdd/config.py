@@ -162,6 +162,8 @@ class RunConfig:
     teacher_lr: float = _f(0.05, "train-teacher: SGD learning rate (momentum 0.9, nesterov)", "teacher")
     teacher_batch_size: int = _f(128, "train-teacher: batch size", "teacher")
     teacher_weight_decay: float = _f(5e-4, "train-teacher: SGD weight decay (not on biases and BatchNorm)", "teacher")
+    teacher_flip: bool | None = _f(None, "train-teacher: random horizontal flips; None: on, except for mnist (digits "
+                                   "are not mirror-symmetric)", "teacher")
 
     # --- runtime --------------------------------------------------------------------------------------
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", "device")

@@ -89,7 +89,8 @@ class TeacherSettings:
     @classmethod
     def of(cls, cfg: RunConfig) -> "TeacherSettings":
         return cls(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
-                   weight_decay=cfg.teacher_weight_decay, flip=cfg.dataset != "mnist")
+                   weight_decay=cfg.teacher_weight_decay,
+                   flip=cfg.dataset != "mnist" if cfg.teacher_flip is None else cfg.teacher_flip)
 
 
 def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, settings: TeacherSettings,

@@ -303,3 +303,12 @@ def test_flags_with_a_few_valid_words_are_checked_when_parsed(capsys):
     assert main(["show-config", "--recipe", "rded", "--dbr-sce-temperature", "none", "--nrr-mask-mode", "grad"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["recipe"], cfg["dbr_sce_temperature"], cfg["nrr_mask_mode"]) == ("rded", None, "grad")
+
+
+def test_teacher_flip_is_on_but_for_mnist_unless_asked():
+    from nrrdd.config import RunConfig
+
+    assert TeacherSettings.of(RunConfig(dataset="fashion-mnist")).flip is True
+    assert TeacherSettings.of(RunConfig(dataset="mnist")).flip is False
+    assert TeacherSettings.of(RunConfig(dataset="mnist", teacher_flip=True)).flip is True
+    assert TeacherSettings.of(RunConfig(dataset="cifar10", teacher_flip=False)).flip is False
