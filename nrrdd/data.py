@@ -272,8 +272,10 @@ class FolderImageSet(ImageSet):
         self.resize = resize or size
 
     def load(self, indices) -> torch.Tensor:
-        out = [_resize_center_crop(decode_rgb(self.samples[i][0]).float().div_(255), self.resize, self.size)
-               for i in torch.as_tensor(indices, dtype=torch.long).tolist()]
+        out = []
+        for i in torch.as_tensor(indices, dtype=torch.long).tolist():
+            x = decode_rgb(self.samples[i][0]).float().div_(255)
+            out.append(resize_center_crop(x, center_geometry(*x.shape[-2:], self.resize, self.size), self.size))
         return torch.stack(out)
 
     def fingerprint(self) -> str:
@@ -306,8 +308,11 @@ def center_geometry(h: int, w: int, resize: int, size: int) -> tuple[int, int, i
     return nh, nw, (nh - size) // 2, (nw - size) // 2
 
 
-def _resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
-    nh, nw, top, left = center_geometry(*x.shape[-2:], resize, size)
+def resize_center_crop(x: torch.Tensor, geometry: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """An image [C, H, W] of values in [0, 1], resized (antialiased bilinear) and centre-cropped as
+    :func:`center_geometry` says: [C, size, size]. The torch loader's transform (DALI's does the same with its
+    own operators)."""
+    nh, nw, top, left = geometry
     x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
     return x[:, top:top + size, left:left + size].clamp_(0, 1)
 

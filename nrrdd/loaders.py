@@ -36,7 +36,7 @@ import torch
 
 from .augment import crop_resize, resize_boxes
 from .data import (FolderImageSet, ImageSet, Normalizer, center_geometry, check_image_file, decode_rgb,
-                   image_header_size)
+                   image_header_size, resize_center_crop)
 from .dist import SINGLE, Dist
 
 LOADERS = ("auto", "dali", "torch")
@@ -218,10 +218,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
             except ValueError as e:
                 failed.append((job.path, f"cannot decode: {e.__cause__ or e}"))
                 continue
-            nh, nw, top, left = job.geom
-            x = torch.nn.functional.interpolate(x[None].float().div_(255), size=(nh, nw), mode="bilinear",
-                                                antialias=True, align_corners=False)[0]
-            x = x[:, top:top + self.size, left:left + self.size].clamp_(0, 1)
+            x = resize_center_crop(x.float().div_(255), job.geom, self.size)
             if self.crop_size:
                 crops.append(resize_boxes(x, torch.from_numpy(job.boxes), self.crop_size))
             images.append(x)

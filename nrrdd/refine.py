@@ -16,7 +16,6 @@ are never shifted; the gradient flows back through the roll and flip.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from .cam import class_activation_map, nrr_mask
 from .config import RunConfig
 from .dist import Dist
 from .io import ChunkStore
-from .runtime import QUIET, Runtime, autocast, progress
+from .runtime import QUIET, Runtime, autocast, cosine, progress
 
 
 class NonFiniteError(FloatingPointError):
@@ -71,11 +70,6 @@ class RefineResult:
     images: torch.Tensor    # [N, C, H, W] normalised
     masks: torch.Tensor     # [N, 1, H, W] the (last) masks used
     final_loss: float
-
-
-def cosine_lr(step: int, total: int) -> float:
-    """SRe2L's cosine policy without warm-up: the factor applied to the base lr at ``step`` (0-based)."""
-    return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
 @dataclass(frozen=True)
@@ -266,7 +260,7 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, s: RefineSettings, precision:
     else:               # "grad": the mask multiplies the gradient below and Adam itself is unmasked
         opt = MaskedAdam([x], mask=mask if mask_mode == "step" else None, lr=lr, betas=tuple(s.betas),
                          eps=s.adam_eps, bounds=(lo, hi))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_lr(t, iterations))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine(t, iterations))
     loss = torch.full((), float("nan"))
     # the first non-finite step, kept on the device and read every CHECK_EVERY steps: no host sync per step
     first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
@@ -293,7 +287,7 @@ def _refine_batch(teacher, bn_loss, x0, y, lo, hi, s: RefineSettings, precision:
             _check(first_bad, y)
         loss.backward()
         if sgd is not None:
-            sgd.step(cosine_lr(it, iterations))
+            sgd.step(cosine(it, iterations))
             continue
         if mask_mode == "grad":
             x.grad.mul_(mask)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 
 from dataclasses import dataclass, field
@@ -64,6 +65,12 @@ def autocast(device: torch.device | str, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cosine(step: int, total: int) -> float:
+    """The cosine learning-rate factor, without warm-up, at ``step`` (0-based) of ``total``, held at 0 after the
+    end: refinement's Adam on the pixels (SRe2L's policy), the student's AdamW and the teacher's SGD."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
 def progress(iterable, desc: str, enable: bool = True, total: int | None = None, **kw):

@@ -22,7 +22,7 @@ from .augment import epoch_augment, epoch_order
 from .config import RunConfig
 from .data import ImageSet, Normalizer
 from .feed import SetFeed
-from .runtime import QUIET, Runtime, autocast, progress
+from .runtime import QUIET, Runtime, autocast, cosine, progress
 
 
 def _param_groups(model: nn.Module, weight_decay: float):
@@ -34,10 +34,6 @@ def _param_groups(model: nn.Module, weight_decay: float):
 
 
 RECIPES = ("nrrdd", "rded")
-
-
-def _cosine(total_steps: int):
-    return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / max(1, total_steps)))
 
 
 def _rded_schedule(epochs: int, steps_per_epoch: int):
@@ -111,7 +107,7 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, set
     model.to(device).train()
     opt = torch.optim.SGD(_param_groups(model, st.weight_decay), lr=st.lr, momentum=0.9, nesterov=True)
     steps = epochs * math.ceil(len(train) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine(t, steps))
     g = torch.Generator().manual_seed(st.seed)
     first_epoch = checkpoint.restore(model, opt, sched, rng=g) if checkpoint is not None else 0
     bad: dict[str, str] = {}
@@ -293,7 +289,7 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
         teacher.to(device).eval()
     opt = torch.optim.AdamW(_param_groups(student, st.weight_decay), lr=st.lr)
     steps_per_epoch = math.ceil(N / batch_size)
-    schedule = (_cosine(epochs * steps_per_epoch) if st.recipe == "nrrdd"
+    schedule = ((lambda t: cosine(t, epochs * steps_per_epoch)) if st.recipe == "nrrdd"
                 else _rded_schedule(epochs, steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     mix_batch = batch_size if st.recipe == "rded" else 0

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from nrrdd.cli import main as nrrdd
+from nrrdd.rundir import RunDir
 
 DATA = ["--dataset", "fashion-mnist", "--train-limit", "2000", "--test-limit", "500", "--val-per-class", "20",
         "--threads", "1", "--loader", "torch", "--loader-workers", "0"]
@@ -43,12 +44,12 @@ def main() -> None:
                           ("sre2l", ["--sre2l-iterations", "30"])]:
         syn = out / method
         call("distill", "--method", method, "--out", str(syn), *small, *extra)
-        prints[f"{method}/synthetic.safetensors"] = sha(syn / "synthetic.safetensors")
+        prints[f"{method}/synthetic.safetensors"] = sha(RunDir(syn).synthetic)
         modes = ["online", "soft", "dbr", "hard"] if method == "nrrdd" else ["online"]
         for mode in modes:
             if mode in ("soft", "dbr"):
                 call("relabel", "--labels", mode, "--syn", str(syn), *small)
-                prints[f"{method}/labels_{mode}.safetensors"] = sha(syn / f"labels_{mode}.safetensors")
+                prints[f"{method}/labels_{mode}.safetensors"] = sha(RunDir(syn).labels(mode))
             call("evaluate", "--labels", mode, "--syn", str(syn), "--no-compile", *small)
             for f in sorted(syn.glob(f"eval_{mode}_*.json")):
                 r = json.loads(f.read_text())

@@ -28,6 +28,8 @@ from pathlib import Path
 from nrrdd import pipeline
 from nrrdd.config import NOT_DISTILL, RunConfig
 from nrrdd.io import file_sha256
+from nrrdd.relabel import STORED
+from nrrdd.rundir import RunDir
 
 # round -> [(trial name, method, label mode, overrides)]; the first trial of each label mode is the control.
 ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
@@ -66,6 +68,10 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         # have ~50x smaller gradients (the loss is a batch mean)
         ("masked sgd, lr 5", "nrrdd", "online", {"nrr_mask_mode": "sgd", "nrr_lr": 5.0}),
         ("eps 0.3", "nrrdd", "online", {"nrr_eps": 0.3}),
+    ],
+    "refined random": [   # NRR's refinement on random real images: does it add anything to the images themselves?
+        ("random online", "random", "online", {}),
+        ("random + NRR", "random", "online", {"refine": True}),
     ],
     "recipe": [           # the student's recipe, on NRR-DD and on random images
         ("default", "nrrdd", "online", {}),
@@ -139,9 +145,9 @@ def _hash(d: dict) -> str:
 def linked(folder: Path, syn: Path) -> Path:
     """``folder`` holding links to the synthetic set of ``syn`` (what relabel and evaluate read)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for f in ("synthetic.safetensors", "config.json", "manifest_distill.json"):
-        if not (folder / f).exists():
-            (folder / f).symlink_to((syn / f).resolve())
+    for f in (RunDir(syn).synthetic, RunDir(syn).config, RunDir(syn).manifest("distill")):
+        if not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f.resolve())
     return folder
 
 
@@ -191,17 +197,17 @@ def run(args) -> None:
             t0 = time.perf_counter()
             syn.mkdir(parents=True, exist_ok=True)
             with flock(syn / ".lock"):                          # one process distils a set; the others wait
-                if not (syn / "manifest_distill.json").exists():
+                if not RunDir(syn).manifest("distill").exists():
                     pipeline.run_distill(cfg.replace(out=str(syn), resume=True), show_progress=False, ctx=ctx)
             # every student setting gets a folder of its own beside the set (links to it): its stored labels and
             # evaluation are never read by a trial with other settings (epochs, recipe, temperatures, ...)
             student = linked(syn / "students" / config_key(cfg, teacher_sha), syn)
             with flock(student / ".lock"):
-                eval_file = student / f"eval_{pipeline.eval_tag(cfg, cfg.labels)}.json"
+                eval_file = RunDir(student).evaluation(pipeline.eval_tag(cfg, cfg.labels))
                 if eval_file.exists():
                     r = json.loads(eval_file.read_text())
                 else:
-                    if cfg.labels in ("soft", "dbr") and not (student / f"labels_{cfg.labels}.safetensors").exists():
+                    if cfg.labels in STORED and not RunDir(student).labels(cfg.labels).exists():
                         pipeline.run_relabel(cfg.replace(resume=True), student, cfg.labels, show_progress=False,
                                              ctx=ctx)
                     r = pipeline.run_evaluate(cfg.replace(resume=True), student, cfg.labels, show_progress=False,
