@@ -108,13 +108,13 @@ class RunConfig:
     nrr_iterations: int = _f(500, "NRR optimisation steps per batch", "refine")
     nrr_lr: float = _f(0.25, "Adam learning rate on the pixels (SRe2L's), cosine schedule", "refine")
     nrr_betas: tuple[float, float] = _f((0.5, 0.9), "Adam's betas on the pixels", "refine")
+    nrr_mask_mode: str = _f("step", "where the NRR mask enters the update: step (scales Adam's step, fused kernel), "
+                            "grad (scales the gradient before a plain Adam), sgd (x -= lr * M * grad; lr on another "
+                            "scale)", "refine", ("step", "grad", "sgd"))
     nrr_adam_eps: float = _f(1e-8, "Adam's epsilon on the pixels", "refine")
     a_bn: float = _f(0.01, "weight of SRe2L's BatchNorm-statistics loss", "refine")
     first_bn_multiplier: float = _f(10.0, "the first BatchNorm layer's weight in that loss", "refine")
     mask_every: int = _f(0, "0: the NRR mask is computed once, at the start; k: recomputed every k steps", "refine")
-    nrr_mask_mode: str = _f("step", "where the NRR mask enters the update: step (scales Adam's step, fused kernel), "
-                            "grad (scales the gradient before a plain Adam), sgd (x -= lr * M * grad; lr on another "
-                            "scale)", "refine", ("step", "grad", "sgd"))
     refine_batch_size: int = _f(100, "images refined together (one batch's BatchNorm statistics)", "refine")
 
     # --- SRe2L synthesis (method sre2l): noise init, then the refinement loop unmasked ----------------
