@@ -145,6 +145,7 @@ def test_move_aside_keeps_every_row(tmp_path):
     assert [r["median"] for r in report.read_rows(prev)] == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.slow
 def test_cli_compare(tmp_path):
     base = write_csv(tmp_path / "base.csv", [row(median=10.0), row(name="gone")])
     cur = write_csv(tmp_path / "cur.csv", [row(median=20.0), row(name="fresh")])
@@ -285,6 +286,7 @@ def _table_block(text: str, marker: str = "benchmarks-table") -> str:
     return text[text.index(start) + len(start):text.index(end)]
 
 
+@pytest.mark.slow
 def test_update_baseline_writes_csv_plots_and_readme_table(sandbox, monkeypatch, capsys):
     base_csv, plots, marker = sandbox.cli.baseline_files(sandbox.kind)
     assert base_csv.parent == sandbox.results

@@ -20,6 +20,8 @@ def _committed() -> dict[str, str]:
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files
             if f.is_file() and not f.name.endswith(".prev.csv")}
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def leaves_the_baseline_alone():

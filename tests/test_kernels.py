@@ -508,6 +508,7 @@ def test_dbr_module_and_no_grad(backend):
         DBRLoss(distance="l3")
 
 
+@pytest.mark.slow
 @needs_triton
 def test_dbr_opcheck():
     logits, yo, ya, lam, to, ta = _dbr_inputs(4, 10, seed=2, device=DEV)
@@ -522,6 +523,7 @@ def test_dbr_opcheck():
     torch.library.opcheck(torch.ops.nrrdd.dbr_distances.default, (logits, yo, ya, 1.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton)])
 def test_dbr_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
