@@ -173,7 +173,8 @@ def measure(p: dict) -> dict:
     from nrrdd.discover import DiscoverSettings, discover
     from nrrdd.models import build_model, load_model
     from nrrdd.refine import RefineSettings, refine
-    from nrrdd.relabel import RelabelSettings, relabel, save_labels
+    from nrrdd.relabel import RelabelSettings, relabel
+    from nrrdd.rundir import save_labels
     from nrrdd.runtime import Runtime
     from nrrdd.train import StudentSettings, evaluate, train_student
 
@@ -256,7 +257,7 @@ def run_child(p: dict) -> dict:
 # ---- the suite ---------------------------------------------------------------------------------------
 def label_storage(rec: Recorder, table: list) -> None:
     """Bytes per sample per epoch from files ``save_labels`` writes, then ImageNet-1K extrapolated."""
-    from nrrdd.relabel import save_labels
+    from nrrdd.rundir import save_labels
 
     E, N = 2, 40
     per = {}

@@ -37,11 +37,11 @@ from .io import (ChunkStore, atomic_torch_save, atomic_write_json, ensure_writab
                  safetensors_header, tensor_sha256)
 from .models import build_model, load_model, parse_model_kwargs
 from .refine import RefineSettings, refine, rows_of_rank
-from .relabel import LabelParts, RelabelSettings, load_labels, relabel
-from .rundir import (DiscoveryStore, RunDir, read_synthetic, teacher_meta_path, unfinished_set, write_manifest,
-                     write_synthetic)
+from .relabel import RelabelSettings, relabel
+from .rundir import (DiscoveryStore, LabelParts, RunDir, TrainCheckpoint, load_labels, read_synthetic,
+                     teacher_meta_path, unfinished_set, write_manifest, write_synthetic)
 from .runtime import Runtime, resolve_device, resolve_precision, set_threads
-from .train import StudentSettings, TeacherSettings, TrainCheckpoint, evaluate, train_student, train_teacher
+from .train import StudentSettings, TeacherSettings, evaluate, train_student, train_teacher
 
 
 @dataclass

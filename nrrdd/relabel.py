@@ -1,14 +1,11 @@
-"""Stage 3a: stored labels for E epochs of the replayable augmentation (non-pickle safetensors files).
-
-- ``dbr``: the teacher's two distances per sample per epoch, d_org = -log softmax(T(x_mix)/tau)[y_org] and
-  d_aug likewise for y_aug: float16 [E, N, 2].
-- ``soft`` (SRe2L/FKD-style): the teacher's logits per sample per epoch: float16 [E, N, C].
+"""Stage 3a: stored labels for E epochs of the replayable augmentation: ``dbr`` (two teacher distances per
+sample per epoch) or ``soft`` (the teacher's logits). Their file format and resume chunks: :mod:`nrrdd.rundir`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -18,8 +15,10 @@ from nrrdd.kernels import dbr_distances
 from .augment import epoch_augment
 from .config import RunConfig
 from .feed import SetFeed
-from .io import ChunkStore, atomic_concat_safetensors, atomic_save_safetensors, load_safetensors
 from .runtime import QUIET, Runtime, autocast, progress
+
+if TYPE_CHECKING:
+    from .rundir import LabelParts
 
 STORED = ("dbr", "soft")                # the label modes relabel writes (and evaluate reads from its files)
 
@@ -118,83 +117,3 @@ def relabel(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, sett
                     out = chunk
             chunk_start = e + 1
     return out if dist.is_main and parts is None else None
-
-
-class LabelParts:
-    """Label chunks of a relabelling in progress, ``epochs_<a>-<b>`` pieces of a :class:`ChunkStore`."""
-
-    def __init__(self, folder: str | Path, identity: dict, every: int):
-        self.store, self.every = ChunkStore(folder, identity), max(1, every)
-        self.folder = self.store.folder
-        self._saved = 0
-
-    def exists(self) -> bool:
-        return self.store.exists()
-
-    def _chain(self) -> list[tuple[Path, int]]:
-        """The chunks from epoch 0 on, each starting where the one before ends (identities checked)."""
-        chain, done = [], 0
-        while True:
-            path = next(iter(sorted(self.folder.glob(f"epochs_{done:05d}-*.safetensors"))), None)
-            if path is None:
-                return chain
-            self.store.load(path.stem, tensors=False)
-            upto = int(path.stem.rsplit("-", 1)[1])
-            if upto <= done:
-                raise ValueError(f"{path}: a chunk must hold at least one epoch after epoch {done}")
-            done = upto
-            chain.append((path, done))
-
-    def first_epoch(self) -> int:
-        """The first epoch no chunk holds yet: where a resumed relabelling starts (headers read, not labels)."""
-        chain = self._chain()
-        self._saved = chain[-1][1] if chain else 0
-        return self._saved
-
-    def save(self, chunk: torch.Tensor, start: int, upto: int) -> None:
-        """The labels of epochs ``start`` .. ``upto - 1``, [upto - start, N, W]."""
-        if start != self._saved or chunk.shape[0] != upto - start:
-            raise ValueError(f"label chunk of epochs {start}..{upto} after epoch {self._saved}: chunks go in order")
-        self.store.save(f"epochs_{start:05d}-{upto:05d}", {"labels": chunk})
-        self._saved = upto
-
-    def pieces(self, epochs: int) -> list[Path]:
-        """The chunk files of epochs 0 .. ``epochs - 1``, in order; raises if any epoch is missing."""
-        chain = self._chain()
-        if not chain or chain[-1][1] != epochs:
-            raise RuntimeError(f"{self.folder} holds labels of epochs 0..{chain[-1][1] if chain else 0}, "
-                               f"not of all {epochs}: every rank must see the same output folder")
-        return [path for path, _ in chain]
-
-    def write(self, path: str | Path, epochs: int, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
-              temperature: float, synthetic_sha256: str, mix_batch: int = 0) -> Path:
-        """The label file of ``epochs`` epochs (what :func:`save_labels` writes, to the byte) from the chunks,
-        streamed."""
-        return atomic_concat_safetensors(path, "labels", self.pieces(epochs), metadata=_label_meta(
-            mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256, mix_batch))
-
-    def remove(self) -> None:
-        self.store.remove()
-
-
-def _label_meta(mode: str, seed: int, factor: int, cutmix_alpha: float, temperature: float,
-                synthetic_sha256: str, mix_batch: int = 0) -> dict[str, str]:
-    meta = {"mode": mode, "seed": str(seed), "factor": str(factor), "cutmix_alpha": repr(cutmix_alpha),
-            "temperature": repr(temperature), "synthetic_sha256": synthetic_sha256,
-            "layout": "[epoch, sample, 2=(d_org,d_aug)]" if mode == "dbr" else "[epoch, sample, class logits]"}
-    if mix_batch:                   # RDED's per-batch CutMix: the labels hold only for this batch size
-        meta["mix_batch"] = str(mix_batch)
-    return meta
-
-
-def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
-                temperature: float, synthetic_sha256: str, mix_batch: int = 0) -> Path:
-    meta = _label_meta(mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256, mix_batch)
-    return atomic_save_safetensors(path, {"labels": labels}, metadata=meta)
-
-
-def load_labels(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
-    tensors, meta = load_safetensors(path)
-    if "labels" not in tensors:
-        raise ValueError(f"{path} holds no 'labels' tensor; is it a file written by `nrrdd relabel`?")
-    return tensors["labels"], meta

@@ -19,6 +19,16 @@ A synthetic set's folder (``nrrdd distill --out DIR``, then ``relabel`` and ``ev
     resume pieces, removed once their stage's output is written:
     discover.parts/  refine.parts/  labels_<mode>.parts/  checkpoint_<tag>.pt
     .syn.partial/  .syn.old/       the PNG folder while it is written, and while a resumed run swaps it
+
+Stored labels (``labels_<mode>.safetensors``, one tensor ``labels``, float16, sample order; metadata: mode, seed,
+factor, cutmix_alpha, temperature, synthetic_sha256, layout, mix_batch when CutMix is per batch):
+- ``dbr``: the teacher's two distances per sample per epoch, d_org = -log softmax(T(x_mix)/tau)[y_org] and
+  d_aug likewise for y_aug: [E, N, 2].
+- ``soft`` (SRe2L/FKD-style): the teacher's logits per sample per epoch: [E, N, C].
+
+The resume stores: :class:`DiscoveryStore` (stage 1's selection), :class:`LabelParts` (relabelling's chunks of
+epochs), :class:`TrainCheckpoint` (a teacher's or student's training state); refinement keeps its batches in a
+:class:`~nrrdd.io.ChunkStore`.
 """
 from __future__ import annotations
 
@@ -29,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from .data import Normalizer
 from .discover import Discovery
-from .io import ChunkStore, atomic_save_image, atomic_save_safetensors, atomic_write_json, load_safetensors, versions
+from .io import (ChunkStore, atomic_concat_safetensors, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
+                 atomic_write_json, load_safetensors, versions)
 
 
 class RunDir:
@@ -151,3 +163,122 @@ class DiscoveryStore:
 
     def remove(self) -> None:
         self.store.remove()
+
+
+class TrainCheckpoint:
+    """Training state (a student's or a teacher's) at an epoch boundary, in one file written atomically.
+
+    ``identity`` (e.g. the run's config without runtime fields) is stored with it; a saved state whose
+    identity differs is refused, so a resume never mixes two configurations."""
+
+    def __init__(self, path, identity: dict, every: int = 1):
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 epoch, got {every}")
+        self.path, self.identity, self.every = Path(path), identity, every
+
+    def save(self, epoch: int, model: nn.Module, opt, sched, rng: torch.Generator | None = None) -> None:
+        state = {"epoch": epoch, "identity": self.identity, "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        if rng is not None:
+            state["rng"] = rng.get_state()
+        atomic_torch_save(self.path, state)
+
+    def restore(self, model: nn.Module, opt, sched, rng: torch.Generator | None = None) -> int:
+        """The epoch to start from: 0, or the saved one after loading its state (and ``rng``'s, if saved)."""
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["identity"] != self.identity:
+            diff = sorted(k for k in set(state["identity"]) | set(self.identity)
+                          if state["identity"].get(k) != self.identity.get(k))
+            raise ValueError(f"{self.path} was saved by a run with other settings ({', '.join(diff)}): "
+                             "it cannot be resumed with these; remove it or use another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if rng is not None:
+            rng.set_state(state["rng"])
+        return int(state["epoch"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class LabelParts:
+    """Label chunks of a relabelling in progress, ``epochs_<a>-<b>`` pieces of a :class:`ChunkStore`."""
+
+    def __init__(self, folder: str | Path, identity: dict, every: int):
+        self.store, self.every = ChunkStore(folder, identity), max(1, every)
+        self.folder = self.store.folder
+        self._saved = 0
+
+    def exists(self) -> bool:
+        return self.store.exists()
+
+    def _chain(self) -> list[tuple[Path, int]]:
+        """The chunks from epoch 0 on, each starting where the one before ends (identities checked)."""
+        chain, done = [], 0
+        while True:
+            path = next(iter(sorted(self.folder.glob(f"epochs_{done:05d}-*.safetensors"))), None)
+            if path is None:
+                return chain
+            self.store.load(path.stem, tensors=False)
+            upto = int(path.stem.rsplit("-", 1)[1])
+            if upto <= done:
+                raise ValueError(f"{path}: a chunk must hold at least one epoch after epoch {done}")
+            done = upto
+            chain.append((path, done))
+
+    def first_epoch(self) -> int:
+        """The first epoch no chunk holds yet: where a resumed relabelling starts (headers read, not labels)."""
+        chain = self._chain()
+        self._saved = chain[-1][1] if chain else 0
+        return self._saved
+
+    def save(self, chunk: torch.Tensor, start: int, upto: int) -> None:
+        """The labels of epochs ``start`` .. ``upto - 1``, [upto - start, N, W]."""
+        if start != self._saved or chunk.shape[0] != upto - start:
+            raise ValueError(f"label chunk of epochs {start}..{upto} after epoch {self._saved}: chunks go in order")
+        self.store.save(f"epochs_{start:05d}-{upto:05d}", {"labels": chunk})
+        self._saved = upto
+
+    def pieces(self, epochs: int) -> list[Path]:
+        """The chunk files of epochs 0 .. ``epochs - 1``, in order; raises if any epoch is missing."""
+        chain = self._chain()
+        if not chain or chain[-1][1] != epochs:
+            raise RuntimeError(f"{self.folder} holds labels of epochs 0..{chain[-1][1] if chain else 0}, "
+                               f"not of all {epochs}: every rank must see the same output folder")
+        return [path for path, _ in chain]
+
+    def write(self, path: str | Path, epochs: int, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
+              temperature: float, synthetic_sha256: str, mix_batch: int = 0) -> Path:
+        """The label file of ``epochs`` epochs (what :func:`save_labels` writes, to the byte) from the chunks,
+        streamed."""
+        return atomic_concat_safetensors(path, "labels", self.pieces(epochs), metadata=_label_meta(
+            mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256, mix_batch))
+
+    def remove(self) -> None:
+        self.store.remove()
+
+
+def _label_meta(mode: str, seed: int, factor: int, cutmix_alpha: float, temperature: float,
+                synthetic_sha256: str, mix_batch: int = 0) -> dict[str, str]:
+    meta = {"mode": mode, "seed": str(seed), "factor": str(factor), "cutmix_alpha": repr(cutmix_alpha),
+            "temperature": repr(temperature), "synthetic_sha256": synthetic_sha256,
+            "layout": "[epoch, sample, 2=(d_org,d_aug)]" if mode == "dbr" else "[epoch, sample, class logits]"}
+    if mix_batch:                   # RDED's per-batch CutMix: the labels hold only for this batch size
+        meta["mix_batch"] = str(mix_batch)
+    return meta
+
+
+def save_labels(path: str | Path, labels: torch.Tensor, *, mode: str, seed: int, factor: int, cutmix_alpha: float,
+                temperature: float, synthetic_sha256: str, mix_batch: int = 0) -> Path:
+    meta = _label_meta(mode, seed, factor, cutmix_alpha, temperature, synthetic_sha256, mix_batch)
+    return atomic_save_safetensors(path, {"labels": labels}, metadata=meta)
+
+
+def load_labels(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    tensors, meta = load_safetensors(path)
+    if "labels" not in tensors:
+        raise ValueError(f"{path} holds no 'labels' tensor; is it a file written by `nrrdd relabel`?")
+    return tensors["labels"], meta

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,9 @@ from .config import RunConfig
 from .data import ImageSet, Normalizer
 from .feed import SetFeed
 from .runtime import QUIET, Runtime, autocast, cosine, progress
+
+if TYPE_CHECKING:
+    from .rundir import TrainCheckpoint
 
 
 def _param_groups(model: nn.Module, weight_decay: float):
@@ -352,46 +356,3 @@ def train_student(student: nn.Module, images: torch.Tensor, labels: torch.Tensor
         for b in student.buffers():                    # so every rank evaluates the model rank 0 saves
             tdist.broadcast(b, 0)
     return student.eval()
-
-
-class TrainCheckpoint:
-    """Student training state at an epoch boundary, in one file written atomically.
-
-    ``identity`` (e.g. the run's config without runtime fields) is stored with it; a saved state whose
-    identity differs is refused, so a resume never mixes two configurations."""
-
-    def __init__(self, path, identity: dict, every: int = 1):
-        from pathlib import Path
-
-        if every < 1:
-            raise ValueError(f"checkpoint interval must be >= 1 epoch, got {every}")
-        self.path, self.identity, self.every = Path(path), identity, every
-
-    def save(self, epoch: int, model: nn.Module, opt, sched, rng: torch.Generator | None = None) -> None:
-        from .io import atomic_torch_save
-
-        state = {"epoch": epoch, "identity": self.identity, "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-        if rng is not None:
-            state["rng"] = rng.get_state()
-        atomic_torch_save(self.path, state)
-
-    def restore(self, model: nn.Module, opt, sched, rng: torch.Generator | None = None) -> int:
-        """The epoch to start from: 0, or the saved one after loading its state (and ``rng``'s, if saved)."""
-        if not self.path.exists():
-            return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["identity"] != self.identity:
-            diff = sorted(k for k in set(state["identity"]) | set(self.identity)
-                          if state["identity"].get(k) != self.identity.get(k))
-            raise ValueError(f"{self.path} was saved by a run with other settings ({', '.join(diff)}): "
-                             "it cannot be resumed with these; remove it or use another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if rng is not None:
-            rng.set_state(state["rng"])
-        return int(state["epoch"])
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

@@ -267,7 +267,8 @@ def work(rank, world, tmp, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
     from nrrdd.dist import setup
-    from nrrdd.relabel import relabel, LabelParts, RelabelSettings
+    from nrrdd.relabel import relabel, RelabelSettings
+    from nrrdd.rundir import LabelParts
     from nrrdd.runtime import Runtime
     dist, _ = setup(torch.device("cpu"), timeout_min=0.5)
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nrrdd.io import atomic_concat_safetensors, load_safetensors
-from nrrdd.relabel import LabelParts, RelabelSettings, relabel, save_labels
+from nrrdd.relabel import RelabelSettings, relabel
+from nrrdd.rundir import LabelParts, save_labels
 
 
 def _teacher():
