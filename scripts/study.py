@@ -246,8 +246,9 @@ def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
                 v = groups.get((rnd, name, ipc, epochs))
                 if not v:
                     continue
-                control = next(n for n, m, lab, _ in trials_of_round if (m, lab) == (method, labels))
-                c = groups.get((rnd, control, ipc, epochs), [])
+                control = next(t for t in trials_of_round if (t[1], t[2]) == (method, labels))
+                c = groups.get((rnd, control[0], ipc, epochs), []) or _run_elsewhere(groups, rnd, control, ipc, epochs)
+                control = control[0]
                 gain = statistics.mean(v) - statistics.mean(c) if c else float("nan")
                 spread = max(sd(v), sd(c)) if c else float("nan")
                 rows.append({"round": rnd, "name": name, "labels": labels, "ipc": ipc, "epochs": epochs,
@@ -255,6 +256,20 @@ def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
                              "gain": gain, "significant": name != control and len(v) > 1 and len(c) > 1
                              and abs(gain) > 2 * spread})
     return rows
+
+
+def _run_elsewhere(groups: dict, rnd: str, trial: tuple, ipc: int, epochs: int) -> list[float]:
+    """The results of ``trial`` (name, method, labels, overrides) under another round with the same settings and
+    defaults (e.g. the ``default`` of ``rule`` for the ``default`` of ``candidates``): a control run once serves
+    every round it controls."""
+    on = rnd.split(" on ", 1)[1] if " on " in rnd else None
+    for other, defs in ROUNDS.items():
+        for name, *definition in defs:
+            if definition == list(trial[1:]):
+                v = groups.get((other if on is None else f"{other} on {on}", name, ipc, epochs))
+                if v:
+                    return v
+    return []
 
 
 def report(args) -> None:

@@ -35,3 +35,13 @@ def test_a_round_on_other_defaults_is_reported_apart():
               + _trials("default", "rule", "online", [70.0, 71.0], base='{"crop_min_side": 20}'))
     rows = study.summarise(trials)
     assert [(r["round"], r["mean"]) for r in rows] == [("rule", 60.5), ('rule on {"crop_min_side": 20}', 70.5)]
+
+
+def test_a_control_run_in_another_round_serves_this_one():
+    """``candidates`` has no run of its ``default`` at this IPC, ``rule`` has (the same settings): the gain is
+    against it."""
+    trials = (_trials("default", "rule", "online", [60.0, 62.0, 64.0])
+              + _trials("crop>=20px", "candidates", "online", [70.0, 71.0, 72.0]))
+    rows = {(r["round"], r["name"]): r for r in study.summarise(trials)}
+    assert rows[("candidates", "crop>=20px")]["gain"] == 9.0 and rows[("candidates", "crop>=20px")]["significant"]
+    assert ("candidates", "default") not in rows
