@@ -26,13 +26,12 @@ import io
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import report
 from benchmarks.common import FIELDS, OUT
-from nrrdd.io import atomic_write_text
+from nrrdd.io import atomic_copy, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"        # the committed baseline
@@ -116,22 +115,6 @@ def _raw_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _copy_atomic(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        with open(src, "rb") as f, open(tmp, "wb") as g:
-            g.write(f.read())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dst
-
-
 def update_baseline(run_csv: Path, kind: str, replace_all: bool, figures: list[Path]) -> list[Path]:
     """Make the run in ``run_csv`` the committed baseline of ``kind``: its CSV (the run's rows replace all of the
     baseline's when ``replace_all``, else the baseline's rows of each (name, provider) the run measured: a name can
@@ -151,7 +134,7 @@ def update_baseline(run_csv: Path, kind: str, replace_all: bool, figures: list[P
     rows = report.read_rows(base_csv)
     names = {name for name, _ in measured}
     written += report.plot([r for r in rows if r["name"] in names], plots_dir)
-    written += [_copy_atomic(f, plots_dir / f.name) for f in figures]
+    written += [atomic_copy(f, plots_dir / f.name) for f in figures]
     written.append(report.update_readme(README, report.markdown_table(rows), marker))
     return written
 

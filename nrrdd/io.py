@@ -55,6 +55,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic(path, write)
 
 
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """``src``'s bytes as ``dst``, written atomically."""
+    return _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -54,6 +54,17 @@ def _kill_three_times(args, folder, pattern, seed):
         p.wait()
 
 
+def _killed_then_resumed(args, state, output, other_settings, seed):
+    """``args`` killed three times while it saves ``state``: no ``output`` yet; the leftover state is refused
+    without --resume and with ``other_settings``; --resume finishes, and the spent state is removed."""
+    _kill_three_times(args, state.parent, state.name, seed=seed)
+    assert not output.exists()
+    assert main(args()) == 2                                      # leftover state: refused without --resume
+    assert main(args(*other_settings, "--resume")) == 2           # other settings: refused
+    assert main(args("--resume")) == 0
+    assert not state.exists()                                     # spent state is removed once the result is in
+
+
 def test_killed_student_training_resumes_to_the_same_result(tmp_path):
     syn = tmp_path / "syn"
     assert main(["distill", "--method", "random", "--no-refine", "--ipc", "2", "--mipc", "10", "--out", str(syn),
@@ -63,15 +74,10 @@ def test_killed_student_training_resumes_to_the_same_result(tmp_path):
     assert main(_evaluate_args(ref)) == 0
     expected = json.loads((ref / "eval_hard_conv3_s0.json").read_text())
 
-    ckpt = syn / "checkpoint_hard_conv3_s0.pt"
-    _kill_three_times(lambda *x: _evaluate_args(syn, *x), syn, ckpt.name, seed=0)
-    assert not (syn / "eval_hard_conv3_s0.json").exists()
-    assert main(_evaluate_args(syn)) == 2                         # leftover state: refused without --resume
-    assert main(_evaluate_args(syn, "--lr", "0.01", "--resume")) == 2   # other settings: refused
-    assert main(_evaluate_args(syn, "--resume")) == 0
+    _killed_then_resumed(lambda *x: _evaluate_args(syn, *x), syn / "checkpoint_hard_conv3_s0.pt",
+                         syn / "eval_hard_conv3_s0.json", ["--lr", "0.01"], seed=0)
     got = json.loads((syn / "eval_hard_conv3_s0.json").read_text())
     assert (got["test_top1"], got["val_top1"]) == (expected["test_top1"], expected["val_top1"])
-    assert not ckpt.exists()                                      # spent state is removed once the result is in
 
 
 def test_killed_teacher_training_resumes_to_the_same_teacher(tmp_path):
@@ -80,14 +86,9 @@ def test_killed_teacher_training_resumes_to_the_same_teacher(tmp_path):
     ref = tmp_path / "ref"
     assert main(args(ref)) == 0
     out = tmp_path / "killed"
-    state = out / "checkpoint_teacher.pt"
-    _kill_three_times(lambda *x: args(out, *x), out, state.name, seed=1)
-    assert not (out / "teacher.pt").exists()
-    assert main(args(out)) == 2                                   # leftover state: refused without --resume
-    assert main(args(out, "--teacher-lr", "0.01", "--resume")) == 2   # other settings: refused
-    assert main(args(out, "--resume")) == 0
+    _killed_then_resumed(lambda *x: args(out, *x), out / "checkpoint_teacher.pt", out / "teacher.pt",
+                         ["--teacher-lr", "0.01"], seed=1)
     assert (out / "teacher.pt").read_bytes() == (ref / "teacher.pt").read_bytes()
-    assert not state.exists()                                     # spent state is removed once the teacher is in
 
 
 def test_killed_relabelling_resumes_to_byte_identical_labels(tmp_path):
