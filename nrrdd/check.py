@@ -42,8 +42,7 @@ class Finding:
 
 def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
     from .data import DatasetLayoutError, DatasetNotFound, FolderImageSet, check_image_file
-    from .pipeline import _SPLITS_CACHE, _data_key, load_teacher, make_context
-    from .runtime import Runtime
+    from .pipeline import _SPLITS_CACHE, _data_key, _runtime, load_teacher, make_context
     from .train import evaluate
 
     out: list[Finding] = []
@@ -111,8 +110,7 @@ def run_check(cfg: RunConfig, val_images: int = 500) -> list[Finding]:
     # 5. teacher accuracy on a validation subset
     if teacher is not None and len(sp.val):
         n = min(val_images, len(sp.val))
-        rt = Runtime(device=ctx.device, precision=ctx.precision, loader=cfg.loader, workers=cfg.loader_workers,
-                     show_progress=False)
+        rt = _runtime(ctx, show_progress=False)
         acc = evaluate(teacher, sp.val.subset(torch.arange(n)), sp.normalizer, rt, batch_size=cfg.eval_batch_size)
         chance = 100.0 / len(sp.classes)
         if acc < 2 * chance:
