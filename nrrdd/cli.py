@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare", help="methods x label modes x IPC x seeds: one table (mean ± std over seeds) and "
                                        "one image sheet; continues an earlier --results file")
     p.add_argument("--rows", nargs="+", default=None, metavar="METHOD:LABELS",
-                   help="e.g. nrrdd:online nrrdd:dbr rded:online random:online sre2l:soft (default: the demo's rows "
-                        "random, rded, nrrdd with online labels, nrrdd with dbr and hard)")
+                   help="e.g. nrrdd:online nrrdd:dbr rded:online random:online sre2l:soft; METHOD:LABELS@10 (or @1,10): "
+                        "that row at those of --ipcs only (default: the demo's rows random, rded, nrrdd with online "
+                        "labels, nrrdd with dbr and hard)")
     p.add_argument("--ipcs", type=int, nargs="+", default=None, help="images per class, e.g. 1 10 50 (default: --ipc)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="e.g. 0 1 2 (default: --seed)")
     p.add_argument("--results", default=None,

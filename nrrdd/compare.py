@@ -1,6 +1,7 @@
 """``nrrdd compare``: methods x label modes x IPC x seeds in one command, one table, one image sheet.
 
-Rows are ``method:labels`` (``nrrdd:dbr``, ``rded:online``, ``sre2l:soft`` ...). Each (ipc, seed, method) is
+Rows are ``method:labels`` (``nrrdd:dbr``, ``rded:online``, ``sre2l:soft`` ...), run at every IPC asked for, or
+``method:labels@ipc[,ipc...]`` (``sre2l:online@10``) for a row run only at those IPCs. Each (ipc, seed, method) is
 distilled once into ``<out>/ipc{ipc}_s{seed}_{method}``; each row relabels it when its label mode needs stored
 labels (dbr, soft), trains a student and reports top-1 on the real test split. Results accumulate in a JSON
 file (default ``<out>/compare.json``)::
@@ -20,7 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import pipeline, sheets
 from .config import NOT_DISTILL, RunConfig
@@ -50,19 +51,49 @@ class Comparison:
     sheet: Path | None
 
 
-def parse_rows(rows: list[str]) -> list[tuple[str, str]]:
-    """``["nrrdd:dbr", ...]`` -> ``[("nrrdd", "dbr"), ...]``, duplicates dropped, order kept."""
-    parsed: list[tuple[str, str]] = []
+class Row(NamedTuple):
+    """One row of the table: a method and a label mode, at the IPCs ``ipcs`` only (None: at every IPC)."""
+    method: str
+    labels: str
+    ipcs: tuple[int, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}:{self.labels}"
+
+    def runs_at(self, ipc: int) -> bool:
+        return self.ipcs is None or ipc in self.ipcs
+
+
+def parse_rows(rows: list[str], ipcs: list[int] | None = None) -> list[Row]:
+    """``["nrrdd:dbr", "sre2l:online@10", ...]`` -> ``[Row("nrrdd", "dbr"), Row("sre2l", "online", (10,)), ...]``;
+    duplicates dropped (a method:labels given twice is an error when the two name different IPCs), order kept.
+    ``ipcs``: the IPCs of the grid; a row may only name IPCs among them."""
+    parsed: dict[str, Row] = {}
     for row in rows:
-        method, sep, labels = row.partition(":")
+        spec, at, where = row.partition("@")
+        method, sep, labels = spec.partition(":")
         if not sep or method not in pipeline.METHODS or labels not in LABEL_MODES:
             raise ValueError(f"row {row!r}: expected method:labels with method one of {', '.join(pipeline.METHODS)} "
-                             f"and labels one of {', '.join(LABEL_MODES)} (e.g. nrrdd:dbr)")
-        if (method, labels) not in parsed:
-            parsed.append((method, labels))
+                             f"and labels one of {', '.join(LABEL_MODES)} (e.g. nrrdd:dbr), optionally @IPC[,IPC] "
+                             "(e.g. sre2l:online@10)")
+        only = None
+        if at:
+            try:
+                only = tuple(dict.fromkeys(int(i) for i in where.split(",")))
+            except ValueError:
+                raise ValueError(f"row {row!r}: after @ comes a comma-separated list of IPCs, e.g. @10 or @1,10")
+            missing = [i for i in only if ipcs is not None and i not in ipcs]
+            if missing:
+                raise ValueError(f"row {row!r}: IPC {', '.join(map(str, missing))} is not among --ipcs "
+                                 f"{' '.join(map(str, ipcs))}")
+        r = Row(method, labels, only)
+        if r.name in parsed and parsed[r.name] != r:
+            raise ValueError(f"row {r.name} is given twice with different IPCs: {row!r}")
+        parsed.setdefault(r.name, r)
     if not parsed:
         raise ValueError("no rows to compare: give --rows method:labels ...")
-    return parsed
+    return list(parsed.values())
 
 
 def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[int],
@@ -72,9 +103,9 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
 
     ``base``: everything but ipc, seed, method, labels (taken from the grid); ``base.out`` holds the synthetic
     sets. ``on_result(record)`` is called after each new run is saved."""
-    grid_rows = parse_rows(rows)
     if not ipcs or not seeds:
         raise ValueError("give at least one IPC (--ipcs) and one seed (--seeds)")
+    grid_rows = parse_rows(rows, ipcs)
     if not base.teacher:
         raise ValueError("no teacher given: pass --teacher PATH (train one with `nrrdd train-teacher`)")
     if not Path(base.teacher).exists():
@@ -82,7 +113,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     out = Path(base.out)
     path = Path(results) if results else out / "compare.json"
     data = load_results(path, base.teacher)
-    grid = [(ipc, seed, m, lab) for ipc in ipcs for seed in seeds for m, lab in grid_rows]
+    grid = [(ipc, seed, r.method, r.labels) for ipc in ipcs for seed in seeds for r in grid_rows if r.runs_at(ipc)]
     n_done = sum(_find(data, (ipc, seed, m, lab, base.epochs)) is not None for ipc, seed, m, lab in grid)
     if n_done:
         print(f"resuming: {n_done} of {len(grid)} runs are already in {path}")
@@ -102,13 +133,14 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
             if on_result:
                 on_result(record)
         cells.append(Cell(record, syn, stage_seconds(cfg, syn)))
-    md = markdown(data["runs"], rows=[f"{m}:{lab}" for m, lab in grid_rows], epochs=base.epochs)
-    md += "\n" + dd_ranking(data["runs"], full_hard_top1(base), rows=[f"{m}:{lab}" for m, lab in grid_rows],
+    names = [r.name for r in grid_rows]
+    md = markdown(data["runs"], rows=names, epochs=base.epochs)
+    md += "\n" + dd_ranking(data["runs"], full_hard_top1(base), rows=names,
                             epochs=base.epochs)
     atomic_write_text(path.with_suffix(".md"), md)
     sheet_path = None
     if sheet:
-        sets = {m: out / f"ipc{ipcs[0]}_s{seeds[0]}_{m}" for m, _ in grid_rows}
+        sets = {r.method: out / f"ipc{ipcs[0]}_s{seeds[0]}_{r.method}" for r in grid_rows}
         sets = {m: d for m, d in sets.items() if RunDir(d).synthetic.exists()}
         if sets:
             sheet_path = sheets.method_sheet(sets, out / "sheet_compare.png",

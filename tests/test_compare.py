@@ -13,7 +13,8 @@ from blobs import write_blobs
 
 from nrrdd import pipeline
 from nrrdd.cli import main
-from nrrdd.compare import markdown, parse_rows
+from nrrdd import compare
+from nrrdd.compare import Row, markdown, parse_rows
 
 TESTS = Path(__file__).parent
 LENET = ["--arch", "lenet:LeNet", "--arch-kwargs", '{"batch_norm": true}', "--student", "lenet:LeNet"]
@@ -22,6 +23,17 @@ RUN_KEYS = {"ipc", "seed", "method", "labels", "epochs", "test_top1", "val_top1"
 TIMING_KEYS = {"discover", "refine", "write", "relabel"}
 
 pytestmark = pytest.mark.slow
+
+
+def build_config_for(argv):
+    """The RunConfig that ``nrrdd compare ARGV`` would run with."""
+    import argparse
+
+    from nrrdd.cli import _add_config_flags, build_config
+
+    p = argparse.ArgumentParser()
+    _add_config_flags(p)
+    return build_config(p.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +125,44 @@ def test_compare_needs_a_teacher_and_valid_rows(tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--teacher is required" in err and "nrrdd train-teacher" in err and "nrrdd demo" in err
-    assert parse_rows(["nrrdd:dbr", "rded:online", "nrrdd:dbr"]) == [("nrrdd", "dbr"), ("rded", "online")]
-    for bad in ("nrrdd", "nrr:online", "nrrdd:dbrr"):
+    assert parse_rows(["nrrdd:dbr", "rded:online", "nrrdd:dbr"]) == [Row("nrrdd", "dbr"), Row("rded", "online")]
+    for bad in ("nrrdd", "nrr:online", "nrrdd:dbrr", "@10"):
         with pytest.raises(ValueError, match="expected method:labels"):
             parse_rows([bad])
+
+
+def test_a_row_can_run_at_some_ipcs_only():
+    rows = parse_rows(["random:online", "sre2l:online@10", "rded:hard@1,50,1"], ipcs=[1, 10, 50])
+    assert rows == [Row("random", "online"), Row("sre2l", "online", (10,)), Row("rded", "hard", (1, 50))]
+    assert [r.name for r in rows] == ["random:online", "sre2l:online", "rded:hard"]
+    assert [[r.runs_at(i) for i in (1, 10, 50)] for r in rows] == [[True] * 3, [False, True, False],
+                                                                  [True, False, True]]
+    assert parse_rows(["sre2l:online@10", "sre2l:online@10"]) == [Row("sre2l", "online", (10,))]
+    with pytest.raises(ValueError, match="IPC 20 is not among --ipcs 1 10"):
+        parse_rows(["sre2l:online@20"], ipcs=[1, 10])
+    with pytest.raises(ValueError, match="comma-separated list of IPCs"):
+        parse_rows(["sre2l:online@ten"])
+    with pytest.raises(ValueError, match="given twice with different IPCs"):
+        parse_rows(["sre2l:online@10", "sre2l:online"])
+
+
+def test_compare_runs_a_row_only_at_its_ipcs(teacher, data, tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(cfg, syn, *args):                  # the grid, not the runs: record what would run
+        ran.append((cfg.ipc, cfg.seed, cfg.method, cfg.labels))
+        return {"ipc": cfg.ipc, "seed": cfg.seed, "method": cfg.method, "labels": cfg.labels, "epochs": cfg.epochs,
+                "test_top1": 50.0}
+
+    monkeypatch.setattr(compare, "_run", fake_run)
+    cfg = build_config_for(["--teacher", str(teacher), "--out", str(tmp_path), *LENET, *TINY, *data])
+    res = compare.run_compare(cfg, ["random:online", "random:hard@2"], ipcs=[1, 2], seeds=[0], sheet=False,
+                              show_progress=False)
+    assert ran == [(1, 0, "random", "online"), (2, 0, "random", "online"), (2, 0, "random", "hard")]
+    assert [(c.record["ipc"], c.record["labels"]) for c in res.cells] == [(1, "online"), (2, "online"), (2, "hard")]
+    assert "| random | hard | - | 50.0 (1 seed) |" in res.markdown
+    with pytest.raises(ValueError, match="IPC 3 is not among --ipcs 1 2"):
+        compare.run_compare(cfg, ["random:hard@3"], ipcs=[1, 2], seeds=[0], sheet=False)
 
 
 def test_markdown_mean_std_over_seeds():

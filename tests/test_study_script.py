@@ -45,3 +45,21 @@ def test_a_control_run_in_another_round_serves_this_one():
     rows = {(r["round"], r["name"]): r for r in study.summarise(trials)}
     assert rows[("candidates", "crop>=20px")]["gain"] == 9.0 and rows[("candidates", "crop>=20px")]["significant"]
     assert ("candidates", "default") not in rows
+
+
+def test_the_results_table_is_one_compare_command():
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "scripts" /
+                                                  "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    from nrrdd.compare import Row, parse_rows
+
+    for dataset in ("fashion-mnist", "mnist"):
+        argv = table.command(["--dataset", dataset, "--teacher", "t.pt"])
+        assert argv[0] == "compare" and argv.count("compare") == 1
+        assert argv[argv.index("--results") + 1] == f"results/table_{dataset}.json"
+        rows = argv[argv.index("--rows") + 1:argv.index("--ipcs")]
+        ipcs = [int(i) for i in argv[argv.index("--ipcs") + 1:argv.index("--seeds")]]
+        assert ipcs == [1, 10, 50] and argv[argv.index("--seeds") + 1:argv.index("--out")] == ["0", "1", "2"]
+        parsed = parse_rows(rows, ipcs)
+        assert (Row("sre2l", "online", (10,)) in parsed) == (dataset == "fashion-mnist")
