@@ -193,7 +193,7 @@ class DiscoverSettings:
         """``cfg``'s discovery on ``size`` px images (``--crop-min-side`` raises the crop scale's lower bound)."""
         return cls(method=cfg.method, ipc=cfg.ipc, mipc=cfg.mipc, num_crop=cfg.num_crop, factor=factor, seed=cfg.seed,
                    crop_scale=crop_scale_for(size, cfg.crop_scale, cfg.crop_min_side), cam=cfg.cam,
-                   keep=cfg.cidd_keep, quantile=cfg.cidd_quantile, correct_only=cfg.cidd_correct,
+                   keep=cfg.resolved_cidd_keep(), quantile=cfg.cidd_quantile, correct_only=cfg.cidd_correct,
                    whole_image=cfg.whole_image, batch_size=cfg.discover_batch_size)
 
 

@@ -232,7 +232,7 @@ def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
     twice the larger seed spread (std) of the two."""
     groups: dict[tuple, list[float]] = {}
     for t in trials:                    # a round re-run on other defaults is another round
-        rnd = t["round"] if t.get("base", "{}") == "{}" else f"{t['round']} on {t['base']}"
+        rnd = t["round"] if t.get("base", "{}") == "{}" else f"{t['round']} on {_short(t['base'])}"
         groups.setdefault((rnd, t["name"], t["ipc"], t["epochs"]), []).append(t["val_top1"])
     bases = {r for r, *_ in groups}
     sd = lambda x: statistics.stdev(x) if len(x) > 1 else float("nan")  # noqa: E731
@@ -256,6 +256,11 @@ def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
                              "gain": gain, "significant": name != control and len(v) > 1 and len(c) > 1
                              and abs(gain) > 2 * spread})
     return rows
+
+
+def _short(base: str) -> str:
+    """A trial's defaults (its ``base``, JSON) as ``field=value, ...``."""
+    return ", ".join(f"{k}={v}" for k, v in json.loads(base).items())
 
 
 def _run_elsewhere(groups: dict, rnd: str, trial: tuple, ipc: int, epochs: int) -> list[float]:

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nrrdd.config import RunConfig
 from nrrdd.data import Normalizer, TensorImageSet
 from nrrdd.discover import DiscoverSettings, cam_ratio, discover
 
@@ -96,3 +97,13 @@ def test_assembling_some_rows_gives_exactly_those_rows_of_the_whole_set():
     assert torch.equal(part.images[[4, 1]], whole.images[[4, 1]])
     assert torch.equal(whole.images, discover(BrightnessTeacher().eval(), data, norm,
                                               DiscoverSettings(method="rded", **kw)).images)
+
+
+def test_cidd_keep_auto_is_high_at_ipc_1_and_low_above():
+    for ipc, rule in ((1, "high"), (2, "low"), (10, "low"), (50, "low")):
+        cfg = RunConfig(ipc=ipc)
+        assert cfg.cidd_keep == "auto" and cfg.resolved_cidd_keep() == rule
+        assert DiscoverSettings.of(cfg, factor=1, size=28).keep == rule
+    for rule in ("low", "high"):                    # given, it is used at every IPC
+        assert RunConfig(ipc=1, cidd_keep=rule).resolved_cidd_keep() == rule
+        assert DiscoverSettings.of(RunConfig(ipc=10, cidd_keep=rule), factor=1, size=28).keep == rule

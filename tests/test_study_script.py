@@ -32,9 +32,10 @@ def test_gain_against_the_rounds_control_and_the_spread_rule():
 
 def test_a_round_on_other_defaults_is_reported_apart():
     trials = (_trials("default", "rule", "online", [60.0, 61.0])
-              + _trials("default", "rule", "online", [70.0, 71.0], base='{"crop_min_side": 20}'))
+              + _trials("default", "rule", "online", [70.0, 71.0], base='{"cidd_keep": "low", "crop_min_side": 20}'))
     rows = study.summarise(trials)
-    assert [(r["round"], r["mean"]) for r in rows] == [("rule", 60.5), ('rule on {"crop_min_side": 20}', 70.5)]
+    assert [(r["round"], r["mean"]) for r in rows] == [("rule", 60.5), ("rule on cidd_keep=low, crop_min_side=20",
+                                                                         70.5)]
 
 
 def test_a_control_run_in_another_round_serves_this_one():
