@@ -149,8 +149,8 @@ class RunConfig:
                                            "--dbr-temperature (one temperature, fused kernel)", "student")
     eval_batch_size: int = _f(500, "images per batch when scoring a model on the test and validation images",
                               "runtime")
-    compile: bool | None = _f(None, "torch.compile student training; None: where it pays (on CUDA; on the CPU from "
-                              "100k training samples, epochs x images)", "runtime")
+    compile: bool | None = _f(None, "torch.compile student and teacher training; None: where it pays (on CUDA; on "
+                              "the CPU from 100k training samples, epochs x images)", "runtime")
     sync_bn: bool | None = _f(None, "several processes: SyncBatchNorm in the student; None: on CUDA (the CPU has "
                               "none)", "student")
     set_on_device: bool | None = _f(None, "relabel and student training: copy the whole synthetic set to the device, "
@@ -203,15 +203,17 @@ class RunConfig:
             return self.sre2l_flip
         return self.dataset != "mnist"
 
-    def resolved_compile(self, device_type: str, n_images: int) -> bool:
-        """torch.compile student training where it pays. On CUDA always. On the CPU only for long runs: measured
+    def resolved_compile(self, device_type: str, n_images: int, epochs: int | None = None) -> bool:
+        """torch.compile training where it pays. On CUDA always. On the CPU only for long runs: measured
         on 2 cores (conv3, bf16, benchmarks/README.md) a cold compile costs ~24 s and then saves ~18% per
         step, which breaks even near 60k training samples (epochs x images); it is on from
-        ``CPU_COMPILE_MIN_SAMPLES`` = 100k (IPC 50 x 10 classes x 300 epochs = 150k: on; IPC 10: 30k: off).
+        ``CPU_COMPILE_MIN_SAMPLES`` = 100k (IPC 50 x 10 classes x 300 epochs = 150k: on; IPC 10: 30k: off;
+        a teacher on 55k images: on). ``epochs``: the run's (default: the student's ``epochs``).
         ``--compile`` / ``--no-compile`` decide."""
         if self.compile is not None:
             return self.compile
-        return device_type == "cuda" or self.epochs * n_images >= CPU_COMPILE_MIN_SAMPLES
+        samples = (self.epochs if epochs is None else epochs) * n_images
+        return device_type == "cuda" or samples >= CPU_COMPILE_MIN_SAMPLES
 
     def resolved_sync_bn(self, device_type: str, world: int) -> bool:
         """BatchNorm statistics over the whole batch when it is split across processes. PyTorch's SyncBatchNorm

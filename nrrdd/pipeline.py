@@ -154,8 +154,9 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     state = TrainCheckpoint(run.teacher_state, _identity(ctx), every=1)
     _refuse_leftover(cfg, state.path.exists(), f"{state.path} holds the state of an interrupted teacher training")
     with _timed(ctx, "train"):
-        train_teacher(model, sp.train, sp.normalizer, TeacherSettings.of(cfg), _runtime(ctx, show_progress),
-                      skipped=skipped, checkpoint=state)
+        settings = TeacherSettings.of(cfg, device_type=ctx.device.type, n_images=len(sp.train))
+        train_teacher(model, sp.train, sp.normalizer, settings, _runtime(ctx, show_progress), skipped=skipped,
+                      checkpoint=state)
     with _timed(ctx, "evaluate"):
         test = _evaluate(ctx, model, sp.test, skipped)
         val = _evaluate(ctx, model, sp.val, skipped) if len(sp.val) else None

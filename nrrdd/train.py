@@ -85,19 +85,22 @@ class TeacherSettings:
     seed: int
     weight_decay: float = 5e-4
     flip: bool = True
+    compile: bool = False
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> "TeacherSettings":
+    def of(cls, cfg: RunConfig, *, device_type: str = "cpu", n_images: int = 0) -> "TeacherSettings":
+        """``n_images``: the training images (with ``device_type``, whether torch.compile pays)."""
         return cls(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, seed=cfg.seed,
                    weight_decay=cfg.teacher_weight_decay,
-                   flip=cfg.dataset != "mnist" if cfg.teacher_flip is None else cfg.teacher_flip)
+                   flip=cfg.dataset != "mnist" if cfg.teacher_flip is None else cfg.teacher_flip,
+                   compile=cfg.resolved_compile(device_type, n_images, cfg.teacher_epochs))
 
 
 def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, settings: TeacherSettings,
                   rt: Runtime = QUIET, *, skipped: list | None = None,
                   checkpoint: "TrainCheckpoint | None" = None) -> nn.Module:
     """SGD (momentum 0.9, nesterov, ``weight_decay`` on weights only), cosine lr, random 2-px shifts and
-    horizontal flips.
+    horizontal flips; forward and backward through torch.compile when ``settings.compile``.
 
     ``checkpoint``: save model, optimiser, scheduler and the augmentation generator every ``checkpoint.every``
     epochs and start from a saved state if there is one (a resumed teacher is the uninterrupted one, bit for bit).
@@ -114,6 +117,8 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, set
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine(t, steps))
     g = torch.Generator().manual_seed(st.seed)
     first_epoch = checkpoint.restore(model, opt, sched, rng=g) if checkpoint is not None else 0
+    # compiled: one graph per batch shape (full batches and an epoch's last), the weights those of ``model``
+    forward = torch.compile(model, dynamic=False) if st.compile else model
     bad: dict[str, str] = {}
     for e in range(first_epoch, epochs):
         perm = torch.randperm(len(train), generator=g)
@@ -128,7 +133,7 @@ def train_teacher(model: nn.Module, train: ImageSet, normalizer: Normalizer, set
                 x = torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
             x, y = x.to(device), y.to(device)
             with autocast(device, rt.precision):
-                loss = F.cross_entropy(model(x).float(), y)
+                loss = F.cross_entropy(forward(x).float(), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"teacher loss is {loss.item()} at epoch {e}")
             opt.zero_grad(set_to_none=True)
