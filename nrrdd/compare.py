@@ -82,7 +82,8 @@ def parse_rows(rows: list[str], ipcs: list[int] | None = None) -> list[Row]:
             try:
                 only = tuple(dict.fromkeys(int(i) for i in where.split(",")))
             except ValueError:
-                raise ValueError(f"row {row!r}: after @ comes a comma-separated list of IPCs, e.g. @10 or @1,10") from None
+                raise ValueError(f"row {row!r}: after @ comes a comma-separated list of IPCs, e.g. @10 or "
+                                 "@1,10") from None
             missing = [i for i in only if ipcs is not None and i not in ipcs]
             if missing:
                 raise ValueError(f"row {row!r}: IPC {', '.join(map(str, missing))} is not among --ipcs "
