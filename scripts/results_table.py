@@ -6,8 +6,12 @@
 One ``nrrdd compare`` command per dataset. Fashion-MNIST: every row of the results table (SRe2L at IPC 10 only,
 the row ``sre2l:online@10``). MNIST: the second table's rows. Any other flag goes to ``nrrdd compare``
 unchanged. Re-running continues the results file; ``--print`` only prints the command.
+
+When the grid is done, the table compare wrote (``results/table_<dataset>.md``) replaces the text between
+``<!-- table_<dataset>:start -->`` and ``<!-- table_<dataset>:end -->`` in each of :data:`DOCS` that has them.
 """
 import sys
+from pathlib import Path
 
 from nrrdd.cli import main
 
@@ -16,6 +20,7 @@ ROWS = {
                       "rded:hard", "nrrdd:hard", "sre2l:online@10"],
     "mnist": ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr"],
 }
+DOCS = [Path("README.md"), Path("docs/results.md")]
 
 
 def command(argv: list[str]) -> list[str]:
@@ -29,7 +34,29 @@ def run(argv: list[str]) -> int:
     if "--print" in argv:
         print(" ".join(["nrrdd", *command([a for a in argv if a != "--print"])]))
         return 0
-    return main(command(argv))
+    rc = main(command(argv))
+    if rc == 0:
+        argv = command(argv)
+        table = Path(argv[argv.index("--results") + 1]).with_suffix(".md")
+        dataset = table.stem.removeprefix("table_")
+        for doc in DOCS:
+            if splice(doc, f"table_{dataset}", table.read_text()):
+                print(f"{doc}: table_{dataset} updated from {table}")
+    return rc
+
+
+def splice(doc: Path, name: str, text: str) -> bool:
+    """Put ``text`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``doc``; False if it has no
+    such markers (nothing written)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if not doc.exists():
+        return False
+    body = doc.read_text()
+    if start not in body or end not in body or body.index(end) < body.index(start):
+        return False
+    head, rest = body.split(start, 1)
+    doc.write_text(head + start + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
+    return True
 
 
 if __name__ == "__main__":
