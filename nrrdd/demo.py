@@ -61,8 +61,9 @@ def run_demo(cfg: RunConfig, *, quick: bool = False, rows: list[str] | None = No
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"demo output folder {out} is not empty; choose another --out")
-    print("demo settings (flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()
-                                                         if k not in explicit))
+    own = [f"{k} {v}" for k, v in settings.items() if k not in explicit]
+    if own:
+        print(f"demo settings (flags override them): {', '.join(own)}")
     cfg, teacher = ensure_teacher(cfg)
     comparison = run_compare(cfg, rows or DEFAULT_ROWS, ipcs=[cfg.ipc], seeds=[cfg.seed])
     results = []
