@@ -34,9 +34,9 @@ def run(argv: list[str]) -> int:
     if "--print" in argv:
         print(" ".join(["nrrdd", *command([a for a in argv if a != "--print"])]))
         return 0
-    rc = main(command(argv))
+    argv = command(argv)
+    rc = main(argv)
     if rc == 0:
-        argv = command(argv)
         table = Path(argv[argv.index("--results") + 1]).with_suffix(".md")
         dataset = table.stem.removeprefix("table_")
         for doc in DOCS:
