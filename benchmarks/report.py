@@ -17,7 +17,7 @@ import datetime as _dt
 import re
 from pathlib import Path
 
-from nrrdd.io import atomic_save_figure, atomic_write_text
+from nrrdd.io import atomic_save_figure, write_between_markers
 
 #: What identifies one measurement across runs (``compare``); ``latest`` adds the device.
 KEY = ("name", "provider", "shape", "metric", "unit")
@@ -240,19 +240,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def update_readme(readme_path: str | Path, table: str, marker: str = "benchmarks-table") -> Path:
-    """Put ``table`` between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` in the file, keeping the rest.
-
-    Markers that are absent are added at the end of the file (a missing file is created). Raises ValueError when
-    only one marker is present or they are out of order. Written atomically."""
-    path = Path(readme_path)
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    text = path.read_text() if path.exists() else ""
-    i, j = text.find(start), text.find(end)
-    block = f"{start}\n{table.rstrip()}\n{end}"
-    if i < 0 and j < 0:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
-    elif 0 <= i < j:
-        text = text[:i] + block + text[j + len(end):]
-    else:
-        raise ValueError(f"{path}: markers {start} ... {end} incomplete or out of order")
-    return atomic_write_text(path, text)
+    """Put ``table`` between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` in the file, keeping the rest
+    (:func:`nrrdd.io.write_between_markers`: absent markers are added at the end of the file)."""
+    return write_between_markers(readme_path, marker, table)

@@ -55,6 +55,29 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic(path, write)
 
 
+def write_between_markers(path: str | Path, marker: str, text: str, *, add_missing: bool = True) -> Path | None:
+    """Put ``text`` between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` in the file at ``path``,
+    keeping the rest; written atomically.
+
+    Markers that are both absent are added at the end of the file (a missing file is created) with
+    ``add_missing``; without it nothing is written and None returned. Raises ValueError when only one marker is
+    present or they are out of order."""
+    path = Path(path)
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    body = path.read_text() if path.exists() else ""
+    i, j = body.find(start), body.find(end)
+    block = f"{start}\n{text.strip(chr(10))}\n{end}"
+    if i < 0 and j < 0:
+        if not add_missing:
+            return None
+        body = (body.rstrip("\n") + "\n\n" if body.strip() else "") + block + "\n"
+    elif 0 <= i < j:
+        body = body[:i] + block + body[j + len(end):]
+    else:
+        raise ValueError(f"{path}: markers {start} ... {end} incomplete or out of order")
+    return atomic_write_text(path, body)
+
+
 def atomic_copy(src: str | Path, dst: str | Path) -> Path:
     """``src``'s bytes as ``dst``, written atomically."""
     return _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from nrrdd.cli import main
+from nrrdd.io import write_between_markers
 
 ROWS = {
     "fashion-mnist": ["random:online", "rded:online", "nrrdd:online", "nrrdd:soft", "nrrdd:dbr", "random:hard",
@@ -40,23 +41,9 @@ def run(argv: list[str]) -> int:
         table = Path(argv[argv.index("--results") + 1]).with_suffix(".md")
         dataset = table.stem.removeprefix("table_")
         for doc in DOCS:
-            if splice(doc, f"table_{dataset}", table.read_text()):
+            if write_between_markers(doc, f"table_{dataset}", table.read_text(), add_missing=False):
                 print(f"{doc}: table_{dataset} updated from {table}")
     return rc
-
-
-def splice(doc: Path, name: str, text: str) -> bool:
-    """Put ``text`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``doc``; False if it has no
-    such markers (nothing written)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if not doc.exists():
-        return False
-    body = doc.read_text()
-    if start not in body or end not in body or body.index(end) < body.index(start):
-        return False
-    head, rest = body.split(start, 1)
-    doc.write_text(head + start + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
-    return True
 
 
 if __name__ == "__main__":

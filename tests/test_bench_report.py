@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import report  # noqa: E402
 from benchmarks.__main__ import move_aside  # noqa: E402
 from benchmarks.common import FIELDS, OUT  # noqa: E402
+from nrrdd.io import write_between_markers  # noqa: E402
 
 
 def row(name="op", provider="torch", shape="8x8", metric="time", unit="ms", median=10.0, p20=None, p80=None,
@@ -123,6 +124,20 @@ def test_markdown_table_and_update_readme(tmp_path):
     readme.write_text("<!-- benchmarks-table:end -->\n<!-- benchmarks-table:start -->\n")
     with pytest.raises(ValueError, match="out of order"):
         report.update_readme(readme, table)
+
+
+def test_results_table_goes_between_its_markers_or_nowhere(tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# R\n<!-- table_mnist:start -->\nold\n<!-- table_mnist:end -->\nafter\n")
+    assert write_between_markers(doc, "table_mnist", "| a |\n|---|\n", add_missing=False) == doc
+    assert doc.read_text() == "# R\n<!-- table_mnist:start -->\n| a |\n|---|\n<!-- table_mnist:end -->\nafter\n"
+    # results_table.py leaves a doc without the markers alone
+    assert write_between_markers(doc, "table_fashion-mnist", "x", add_missing=False) is None
+    assert write_between_markers(tmp_path / "missing.md", "table_mnist", "x", add_missing=False) is None
+    assert "x" not in doc.read_text() and not (tmp_path / "missing.md").exists()
+    doc.write_text("<!-- table_mnist:start -->\n")                    # one marker only: refused, not guessed
+    with pytest.raises(ValueError, match="incomplete"):
+        write_between_markers(doc, "table_mnist", "x", add_missing=False)
 
 
 def test_plot_writes_one_png_per_name(tmp_path):

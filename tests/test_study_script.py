@@ -64,17 +64,3 @@ def test_the_results_table_is_one_compare_command():
         assert ipcs == [1, 10, 50] and argv[argv.index("--seeds") + 1:argv.index("--out")] == ["0", "1", "2"]
         parsed = parse_rows(rows, ipcs)
         assert (Row("sre2l", "online", (10,)) in parsed) == (dataset == "fashion-mnist")
-
-
-def test_the_table_goes_between_its_markers(tmp_path):
-    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "scripts" /
-                                                  "results_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    doc = tmp_path / "results.md"
-    doc.write_text("# R\n<!-- table_mnist:start -->\nold\n<!-- table_mnist:end -->\nafter\n")
-    assert table.splice(doc, "table_mnist", "| a |\n|---|\n")
-    assert doc.read_text() == "# R\n<!-- table_mnist:start -->\n| a |\n|---|\n<!-- table_mnist:end -->\nafter\n"
-    assert not table.splice(doc, "table_fashion-mnist", "x")            # no markers: untouched
-    assert not table.splice(tmp_path / "missing.md", "table_mnist", "x")
-    assert "x" not in doc.read_text()
