@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-CPU_COMPILE_MIN_SAMPLES = 100_000   # see RunConfig.resolved_compile
+CPU_COMPILE_MIN_SAMPLES = 20_000   # see RunConfig.resolved_compile
 
 
 # What each group of fields is for. A synthetic set depends on the fields of the first four stages only; the
@@ -204,12 +204,13 @@ class RunConfig:
         return self.dataset != "mnist"
 
     def resolved_compile(self, device_type: str, n_images: int, epochs: int | None = None) -> bool:
-        """torch.compile training where it pays. On CUDA always. On the CPU only for long runs: measured
-        on 2 cores (conv3, bf16, benchmarks/README.md) a cold compile costs ~24 s and then saves ~18% per
-        step, which breaks even near 60k training samples (epochs x images); it is on from
-        ``CPU_COMPILE_MIN_SAMPLES`` = 100k (IPC 50 x 10 classes x 300 epochs = 150k: on; IPC 10: 30k: off;
-        a teacher on 55k images: on). ``epochs``: the run's (default: the student's ``epochs``).
-        ``--compile`` / ``--no-compile`` decide."""
+        """torch.compile training where it pays. On CUDA always. On the CPU from ``CPU_COMPILE_MIN_SAMPLES`` = 20k
+        training samples (epochs x images): IPC 10 x 10 classes x 300 epochs = 30k is on, IPC 1 (3k) and the
+        demo's IPC 10 x 100 epochs (10k) are off, a teacher on 55k images is on. Measured (benchmarks/README.md):
+        with bf16 units a cold compile costs ~25 s and saves ~18-21% a step; on 2 AVX2-only cores in fp32 it
+        saves ~15-35% a step (a conv3 teacher: 1.06 vs 1.50 s a step), after a cold compile of ~1-2 min there
+        and ~15 s with Inductor's on-disk cache warm (the second run of the same shapes onwards).
+        ``epochs``: the run's (default: the student's ``epochs``). ``--compile`` / ``--no-compile`` decide."""
         if self.compile is not None:
             return self.compile
         samples = (self.epochs if epochs is None else epochs) * n_images

@@ -50,8 +50,8 @@ def test_teacher_training_compiles_where_it_pays():
     from nrrdd.train import TeacherSettings
 
     cfg = RunConfig(teacher_epochs=2)
-    assert not TeacherSettings.of(cfg, device_type="cpu", n_images=49_999).compile       # 99,998 samples
-    assert TeacherSettings.of(cfg, device_type="cpu", n_images=50_000).compile           # 100,000
+    assert not TeacherSettings.of(cfg, device_type="cpu", n_images=9_999).compile        # 19,998 samples
+    assert TeacherSettings.of(cfg, device_type="cpu", n_images=10_000).compile           # 20,000
     assert TeacherSettings.of(cfg, device_type="cuda", n_images=10).compile
     assert not TeacherSettings.of(cfg.replace(compile=False), device_type="cuda", n_images=10 ** 6).compile
     assert TeacherSettings.of(cfg.replace(compile=True), device_type="cpu", n_images=10).compile
