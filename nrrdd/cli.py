@@ -78,7 +78,8 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The ``nrrdd`` command line: one subcommand each, every RunConfig field a flag."""
     parser = argparse.ArgumentParser(prog="nrrdd", description="NRR-DD dataset distillation (with RDED and SRe2L).",
                                      epilog="Your own teacher or student: --arch package.module:ClassName "
                                             "[--arch-kwargs JSON] (see `nrrdd distill --help`).")
@@ -127,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                                                             "(-1: do not)")
     p = sub.add_parser("show-config", help="print the resolved config as JSON")
     _add_config_flags(p)
+    return parser
 
-    ns = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    ns = make_parser().parse_args(argv)
     cfg = build_config(ns)
     args = sys.argv[1:] if argv is None else argv
     if any(a == "--subset" or a.startswith("--subset=") for a in args):     # started the RDED way: its sizes,

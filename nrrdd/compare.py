@@ -13,6 +13,11 @@ file (default ``<out>/compare.json``)::
 Re-running continues it: runs already there (same ipc, seed, method, labels, epochs) are skipped. Beside it the
 markdown table (``.md``: rows x IPC, mean ± std over seeds) and ``<out>/sheet_compare.png`` (the first IPC and
 seed: one row of images per method, the same classes in every row).
+
+The same command may run in several processes at once (one per core with ``--threads 1``, or one per GPU): each
+run of the grid is claimed by one process (a lock file under ``<out>/locks``), a synthetic set is distilled by
+one of them while the others wait for it, and the results file is read and written under a lock. Each process
+writes the table of the runs finished when it stops; the last to stop writes the whole grid.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Callable, NamedTuple
 
 from . import pipeline, sheets
 from .config import NOT_DISTILL, RunConfig
-from .io import atomic_write_json, atomic_write_text, file_sha256
+from .io import atomic_write_json, atomic_write_text, file_lock, file_sha256
 from .relabel import STORED                # label modes read from a `relabel` file
 from .rundir import RunDir, teacher_meta_path
 
@@ -46,9 +51,10 @@ class Cell:
 class Comparison:
     results: Path               # the JSON file; the markdown table is results.with_suffix(".md")
     data: dict                  # its content: {"teacher": str, "runs": [...]}
-    cells: list[Cell]           # the grid asked for, in order ipc, seed, row
+    cells: list[Cell]           # the grid's finished runs, in order ipc, seed, row
     markdown: str
     sheet: Path | None
+    pending: int = 0            # runs of the grid another process was still running when this one stopped
 
 
 class Row(NamedTuple):
@@ -113,7 +119,9 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
         raise FileNotFoundError(f"teacher {base.teacher} not found (train one with `nrrdd train-teacher`)")
     out = Path(base.out)
     path = Path(results) if results else out / "compare.json"
-    data = load_results(path, base.teacher)
+    lock = path.with_suffix(".lock")
+    with file_lock(lock):
+        data = load_results(path, base.teacher)
     grid = [(ipc, seed, r.method, r.labels) for ipc in ipcs for seed in seeds for r in grid_rows if r.runs_at(ipc)]
     n_done = sum(_find(data, (ipc, seed, m, lab, base.epochs)) is not None for ipc, seed, m, lab in grid)
     if n_done:
@@ -121,24 +129,47 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     ctx = pipeline.make_context(base)
     teacher_sha = file_sha256(base.teacher)
     several = len(ipcs) * len(seeds) > 1
-    cells = []
+    locks = out / "locks"
     for ipc, seed, method, labels in grid:
-        syn = out / f"ipc{ipc}_s{seed}_{method}"
-        cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
+        key = (ipc, seed, method, labels, base.epochs)
+        if _find(data, key) is not None:
+            continue
+        with file_lock(locks / f"ipc{ipc}_s{seed}_{method}_{labels}_e{base.epochs}.lock", block=False) as mine:
+            if not mine:                                    # another process is running it
+                continue
+            with file_lock(lock):                           # it may have finished it before this claim
+                data = load_results(path, base.teacher)
+            if _find(data, key) is not None:
+                continue
+            where = f" (IPC {ipc}, seed {seed})" if several else ""
+            syn = out / f"ipc{ipc}_s{seed}_{method}"
+            cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
+            record = _run(cfg, syn, path, where, teacher_sha, ctx, show_progress,
+                          set_lock=locks / f"{syn.name}.lock")
+            with file_lock(lock):                           # another process may have added runs meanwhile
+                data = load_results(path, base.teacher)
+                data["runs"].append(record)
+                atomic_write_json(path, data)
+        if on_result:
+            on_result(record)
+    names = [r.name for r in grid_rows]
+    with file_lock(lock):               # the table of the results read now, written before another process reads
+        data = load_results(path, base.teacher)
+        md = markdown(data["runs"], rows=names, epochs=base.epochs)
+        md += "\n" + dd_ranking(data["runs"], full_hard_top1(base), rows=names, epochs=base.epochs)
+        atomic_write_text(path.with_suffix(".md"), md)
+    cells, pending = [], 0
+    for ipc, seed, method, labels in grid:
         record = _find(data, (ipc, seed, method, labels, base.epochs))
         if record is None:
-            where = f" (IPC {ipc}, seed {seed})" if several else ""
-            record = _run(cfg, syn, path, where, teacher_sha, ctx, show_progress)
-            data["runs"].append(record)
-            atomic_write_json(path, data)
-            if on_result:
-                on_result(record)
+            pending += 1
+            continue
+        syn = out / f"ipc{ipc}_s{seed}_{method}"
+        cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
         cells.append(Cell(record, syn, stage_seconds(cfg, syn)))
-    names = [r.name for r in grid_rows]
-    md = markdown(data["runs"], rows=names, epochs=base.epochs)
-    md += "\n" + dd_ranking(data["runs"], full_hard_top1(base), rows=names,
-                            epochs=base.epochs)
-    atomic_write_text(path.with_suffix(".md"), md)
+    if pending:
+        print(f"{pending} of {len(grid)} runs are still running in another process: the table holds the finished "
+              "ones (the last process to finish writes the whole grid)")
     sheet_path = None
     if sheet:
         sets = {r.method: out / f"ipc{ipcs[0]}_s{seeds[0]}_{r.method}" for r in grid_rows}
@@ -146,7 +177,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
         if sets:
             sheet_path = sheets.method_sheet(sets, out / "sheet_compare.png",
                                              title=f"first synthetic image per class, IPC {ipcs[0]}, seed {seeds[0]}")
-    return Comparison(path, data, cells, md, sheet_path)
+    return Comparison(path, data, cells, md, sheet_path, pending)
 
 
 def load_results(path: Path, teacher: str) -> dict:
@@ -169,20 +200,22 @@ def _find(data: dict, key: tuple) -> dict | None:
 
 
 def _run(cfg: RunConfig, syn: Path, results: Path, where: str, teacher_sha: str, ctx: pipeline.Context,
-         show_progress: bool) -> dict:
+         show_progress: bool, set_lock: Path) -> dict:
     """One row of the grid: distil (unless this (ipc, seed, method) is on disk), relabel if needed, evaluate.
 
     A compare continues what an interrupted one left: its stages run with ``resume`` on (a leftover piece
-    of other settings is still refused)."""
+    of other settings is still refused). ``set_lock``: held while the set is looked for and distilled (rows of
+    the same set in other processes wait for it)."""
     cfg = cfg.replace(resume=True)
     method, labels = cfg.method, cfg.labels
     times: dict[str, float] = {}
     run = RunDir(syn)
-    if run.synthetic.exists() and run.manifest("distill").exists():
-        _check_reusable(cfg, syn, teacher_sha)             # a finished distillation (its manifest is written last)
-    else:
-        print(f"distilling with {method}{where} ...")
-        times.update(pipeline.run_distill(cfg, show_progress=show_progress, ctx=ctx)["timings"])
+    with file_lock(set_lock):
+        if run.synthetic.exists() and run.manifest("distill").exists():
+            _check_reusable(cfg, syn, teacher_sha)         # a finished distillation (its manifest is written last)
+        else:
+            print(f"distilling with {method}{where} ...")
+            times.update(pipeline.run_distill(cfg, show_progress=show_progress, ctx=ctx)["timings"])
     if labels in STORED and not run.labels(labels).exists():
         times.update(pipeline.run_relabel(cfg, syn, labels, show_progress=show_progress, ctx=ctx)["timings"])
     eval_file = run.evaluation(pipeline.eval_tag(cfg, labels))

@@ -5,7 +5,9 @@ into place, so a killed run leaves either the old file or the new one.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -15,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -258,6 +260,25 @@ def refuse_overwrite(path: str | Path, what: str) -> None:
             f"{what} already exists at {path}; this run would overwrite it. "
             f"Choose another --out folder (existing outputs are never deleted)."
         )
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, block: bool = True) -> Iterator[bool]:
+    """An exclusive lock (``flock``) on the file ``path`` (created, never removed) while inside. ``block=False``:
+    yields False at once when another process holds it (and True when this one got it). The lock goes with the
+    process: a killed holder frees it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class ChunkStore:

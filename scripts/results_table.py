@@ -7,13 +7,17 @@ One ``nrrdd compare`` command per dataset. Fashion-MNIST: every row of the resul
 the row ``sre2l:online@10``). MNIST: the second table's rows. Any other flag goes to ``nrrdd compare``
 unchanged. Re-running continues the results file; ``--print`` only prints the command.
 
-When the grid is done, the table compare wrote (``results/table_<dataset>.md``) replaces the text between
-``<!-- table_<dataset>:start -->`` and ``<!-- table_<dataset>:end -->`` in each of :data:`DOCS` that has them.
+The same command may run in several processes at once (``--threads 1`` each, one per core): they share the grid
+(see ``nrrdd compare --help``). When the whole grid is done, the table compare wrote (``results/table_<dataset>.md``)
+replaces the text between ``<!-- table_<dataset>:start -->`` and ``<!-- table_<dataset>:end -->`` in each of
+:data:`DOCS` that has them (by the process that finishes it).
 """
+import json
 import sys
 from pathlib import Path
 
-from nrrdd.cli import main
+from nrrdd.cli import build_config, main, make_parser
+from nrrdd.compare import parse_rows
 from nrrdd.io import write_between_markers
 
 ROWS = {
@@ -37,7 +41,7 @@ def run(argv: list[str]) -> int:
         return 0
     argv = command(argv)
     rc = main(argv)
-    if rc == 0:
+    if rc == 0 and not missing(argv):
         table = Path(argv[argv.index("--results") + 1]).with_suffix(".md")
         dataset = table.stem.removeprefix("table_")
         for doc in DOCS:
@@ -45,6 +49,17 @@ def run(argv: list[str]) -> int:
                 print(f"{doc}: table_{dataset} updated from {table}")
     return rc
 
+
+def missing(argv: list[str]) -> int:
+    """Runs of the grid of the compare arguments ``argv`` not yet in its results file."""
+    ns = make_parser().parse_args(argv)
+    epochs = build_config(ns).epochs
+    rows = parse_rows(ns.rows, ns.ipcs)
+    results = Path(ns.results)
+    runs = json.loads(results.read_text())["runs"] if results.exists() else []
+    have = {(r["ipc"], r["seed"], r["method"], r["labels"]) for r in runs if r["epochs"] == epochs}
+    return sum((ipc, seed, r.method, r.labels) not in have for ipc in ns.ipcs for seed in ns.seeds for r in rows
+               if r.runs_at(ipc))
 
 if __name__ == "__main__":
     sys.exit(run(sys.argv[1:]))

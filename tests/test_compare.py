@@ -4,8 +4,11 @@ A LeNet teacher (with BatchNorm, so NRR-DD's refinement has statistics to match)
 the grid is tiny: 2 rows, IPC 1, 2 seeds, 5 student epochs.
 """
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from nrrdd import pipeline
 from nrrdd.cli import main
 from nrrdd import compare
 from nrrdd.compare import Row, markdown, parse_rows
+from nrrdd.io import file_lock
 
 TESTS = Path(__file__).parent
 LENET = ["--arch", "lenet:LeNet", "--arch-kwargs", '{"batch_norm": true}', "--student", "lenet:LeNet"]
@@ -121,6 +125,52 @@ def test_compare_refuses_to_mix(teacher, data, tmp_path, capsys):
     assert "mipc 10 (now 12)" in capsys.readouterr().err
 
 
+def test_a_run_another_process_holds_is_left_to_it(teacher, data, tmp_path, monkeypatch, capsys):
+    """Several processes share one grid: a run whose lock another process holds is skipped (and reported), the
+    table holds the finished runs; once the lock is free the same command does that run only, on the set on disk."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--rows", "nrrdd:online", "nrrdd:hard", "--ipcs", "1", "--out", str(out),
+            "--teacher", str(teacher), *LENET, *TINY, *data]
+    with file_lock(out / "locks" / "ipc1_s0_nrrdd_hard_e5.lock"):         # "another process" runs nrrdd:hard
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 2 runs are still running in another process" in printed
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [(r["method"], r["labels"]) for r in runs] == [("nrrdd", "online")]
+    assert "| nrrdd | online |" in (out / "compare.md").read_text()
+    assert "| nrrdd | hard |" not in (out / "compare.md").read_text()
+
+    monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: pytest.fail("the set was distilled again"))
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "still running" not in printed and printed.count("training a student") == 1
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [(r["method"], r["labels"]) for r in runs] == [("nrrdd", "online"), ("nrrdd", "hard")]
+
+
+def test_two_processes_share_one_grid(teacher, data, tmp_path):
+    """The same command in two processes at once: every run of the grid is done once, each synthetic set is
+    distilled once, and the results file holds every run (neither process overwrites the other's)."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--rows", "random:online", "nrrdd:online", "nrrdd:dbr", "nrrdd:hard", "--ipcs", "1",
+            "--seeds", "0", "1", "--out", str(out), "--teacher", str(teacher), *LENET, *TINY, *data]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-m", "nrrdd", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    printed = "".join(outputs)
+    assert printed.count("training a student") == 8                      # 4 rows x 2 seeds, each once
+    assert printed.count("distilling with nrrdd") == 2 and printed.count("distilling with random") == 2
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert sorted((r["seed"], r["method"], r["labels"]) for r in runs) == sorted(
+        (s, m, lab) for s in (0, 1) for m, lab in [("random", "online"), ("nrrdd", "online"), ("nrrdd", "dbr"),
+                                                   ("nrrdd", "hard")])
+    md = (out / "compare.md").read_text()                                # by the last process to finish
+    for row in ("| random | online |", "| nrrdd | online |", "| nrrdd | dbr |", "| nrrdd | hard |"):
+        assert f"{row} " in md and "(2 seeds)" in md.split(row)[1].splitlines()[0]
+
+
 def test_compare_needs_a_teacher_and_valid_rows(tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -149,7 +199,7 @@ def test_a_row_can_run_at_some_ipcs_only():
 def test_compare_runs_a_row_only_at_its_ipcs(teacher, data, tmp_path, monkeypatch):
     ran = []
 
-    def fake_run(cfg, syn, *args):                  # the grid, not the runs: record what would run
+    def fake_run(cfg, syn, *args, **kw):            # the grid, not the runs: record what would run
         ran.append((cfg.ipc, cfg.seed, cfg.method, cfg.labels))
         return {"ipc": cfg.ipc, "seed": cfg.seed, "method": cfg.method, "labels": cfg.labels, "epochs": cfg.epochs,
                 "test_top1": 50.0}

@@ -1,5 +1,6 @@
 """scripts/study.py's summary: gains against each round's control and the twice-the-spread rule, by hand."""
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -64,3 +65,19 @@ def test_the_results_table_is_one_compare_command():
         assert ipcs == [1, 10, 50] and argv[argv.index("--seeds") + 1:argv.index("--out")] == ["0", "1", "2"]
         parsed = parse_rows(rows, ipcs)
         assert (Row("sre2l", "online", (10,)) in parsed) == (dataset == "fashion-mnist")
+
+
+def test_the_docs_get_the_table_only_when_the_whole_grid_is_done(tmp_path):
+    """With several processes on one grid, the one that finishes it (nothing missing) updates the docs."""
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "scripts" /
+                                                  "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    results = tmp_path / "t.json"
+    argv = table.command(["--teacher", "t.pt", "--results", str(results)])          # the last --results wins
+    assert table.missing(argv) == 8 * 3 * 3 + 3                 # 8 rows at IPC 1, 10, 50 and SRe2L at 10, 3 seeds
+    run = dict(ipc=10, seed=2, method="sre2l", labels="online", epochs=300, test_top1=1.0)
+    results.write_text(json.dumps({"teacher": "t.pt", "runs": [run, {**run, "seed": 1},
+                                                               {**run, "seed": 0, "epochs": 100}]}))
+    assert table.missing(argv) == 8 * 3 * 3 + 1
+    assert table.missing([*argv, "--epochs", "100"]) == 8 * 3 * 3 + 2
