@@ -17,7 +17,6 @@ than twice the larger of the two seed spreads (the rule for moving a default).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from nrrdd import pipeline
 from nrrdd.config import NOT_DISTILL, RunConfig
-from nrrdd.io import file_sha256
+from nrrdd.io import file_lock, file_sha256
 from nrrdd.relabel import STORED
 from nrrdd.rundir import RunDir
 
@@ -100,9 +99,7 @@ def results_path(dataset: str) -> Path:
 @contextmanager
 def locked(path: Path):
     """Read-modify-write of the results file by several processes, one at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_suffix(".lock")):
         data = json.loads(path.read_text()) if path.exists() else None
         box = {"data": data}
         yield box
@@ -110,21 +107,6 @@ def locked(path: Path):
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(box["data"], indent=1) + "\n")
             tmp.replace(path)
-
-
-@contextmanager
-def flock(path: Path, block: bool = True):
-    """An exclusive lock on ``path`` while inside; ``block=False``: yields False at once if another process has it."""
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def distill_key(cfg: RunConfig, teacher_sha: str) -> str:
@@ -190,20 +172,20 @@ def run(args) -> None:
                        == (rnd, name, cfg.ipc, cfg.seed, cfg.epochs, base_name) for t in box["data"]["trials"])
             box["data"] = None                                  # nothing to write
         claim = out / "claims" / f"{_hash([rnd, name, cfg.ipc, cfg.seed, cfg.epochs, base_name])}.lock"
-        with flock(claim, block=False) as mine:                 # another process has it: on to the next
+        with file_lock(claim, block=False) as mine:             # another process has it: on to the next
             if done or not mine:
                 continue
             syn = out / f"{cfg.dataset}_ipc{cfg.ipc}_s{cfg.seed}_{cfg.method}_{key}"
             ctx = pipeline.make_context(cfg, like=ctx)
             t0 = time.perf_counter()
             syn.mkdir(parents=True, exist_ok=True)
-            with flock(syn / ".lock"):                          # one process distils a set; the others wait
+            with file_lock(syn / ".lock"):                      # one process distils a set; the others wait
                 if not RunDir(syn).manifest("distill").exists():
                     pipeline.run_distill(cfg.replace(out=str(syn), resume=True), show_progress=False, ctx=ctx)
             # every student setting gets a folder of its own beside the set (links to it): its stored labels and
             # evaluation are never read by a trial with other settings (epochs, recipe, temperatures, ...)
             student = linked(syn / "students" / config_key(cfg, teacher_sha), syn)
-            with flock(student / ".lock"):
+            with file_lock(student / ".lock"):
                 eval_file = RunDir(student).evaluation(pipeline.eval_tag(cfg, cfg.labels))
                 if eval_file.exists():
                     r = json.loads(eval_file.read_text())
