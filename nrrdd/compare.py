@@ -16,8 +16,9 @@ seed: one row of images per method, the same classes in every row).
 
 The same command may run in several processes at once (one per core with ``--threads 1``, or one per GPU): each
 run of the grid is claimed by one process (a lock file under ``<out>/locks``), a synthetic set is distilled by
-one of them while the others wait for it, and the results file is read and written under a lock. Each process
-writes the table of the runs finished when it stops; the last to stop writes the whole grid.
+one of them (the others take other runs meanwhile), and the results file and its table are read and written
+under a lock. Each process returns when the whole grid is done: at the end it waits for the runs the others
+hold, and does a run itself when its holder died.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from . import pipeline, sheets
-from .config import NOT_DISTILL, RunConfig
+from .config import NOT_DISTILL, RUNTIME_FIELDS, RunConfig
 from .io import atomic_write_json, atomic_write_text, file_lock, file_sha256
 from .relabel import STORED                # label modes read from a `relabel` file
 from .rundir import RunDir, teacher_meta_path
@@ -54,7 +55,6 @@ class Comparison:
     cells: list[Cell]           # the grid's finished runs, in order ipc, seed, row
     markdown: str
     sheet: Path | None
-    pending: int = 0            # runs of the grid another process was still running when this one stopped
 
 
 class Row(NamedTuple):
@@ -129,47 +129,58 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     ctx = pipeline.make_context(base)
     teacher_sha = file_sha256(base.teacher)
     several = len(ipcs) * len(seeds) > 1
-    locks = out / "locks"
-    for ipc, seed, method, labels in grid:
-        key = (ipc, seed, method, labels, base.epochs)
-        if _find(data, key) is not None:
-            continue
-        with file_lock(locks / f"ipc{ipc}_s{seed}_{method}_{labels}_e{base.epochs}.lock", block=False) as mine:
-            if not mine:                                    # another process is running it
-                continue
-            with file_lock(lock):                           # it may have finished it before this claim
-                data = load_results(path, base.teacher)
-            if _find(data, key) is not None:
-                continue
-            where = f" (IPC {ipc}, seed {seed})" if several else ""
-            syn = out / f"ipc{ipc}_s{seed}_{method}"
-            cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
-            record = _run(cfg, syn, path, where, teacher_sha, ctx, show_progress,
-                          set_lock=locks / f"{syn.name}.lock")
-            with file_lock(lock):                           # another process may have added runs meanwhile
-                data = load_results(path, base.teacher)
-                data["runs"].append(record)
-                atomic_write_json(path, data)
-        if on_result:
-            on_result(record)
     names = [r.name for r in grid_rows]
-    with file_lock(lock):               # the table of the results read now, written before another process reads
-        data = load_results(path, base.teacher)
+    locks = out / "locks"
+
+    def table(data: dict) -> str:               # written with each new run, under the results file's lock
         md = markdown(data["runs"], rows=names, epochs=base.epochs)
         md += "\n" + dd_ranking(data["runs"], full_hard_top1(base), rows=names, epochs=base.epochs)
         atomic_write_text(path.with_suffix(".md"), md)
-    cells, pending = [], 0
+        return md
+
+    # First pass: the runs no other process holds, and whose set is on disk or free to distil; the rest wait
+    # for the second, which waits for their locks: a run whose holder died is done here.
+    todo = [(ipc, seed, m, lab) for ipc, seed, m, lab in grid if _find(data, (ipc, seed, m, lab, base.epochs)) is None]
+    for wait in (False, True):
+        later = []
+        for ipc, seed, method, labels in todo:
+            syn = out / f"ipc{ipc}_s{seed}_{method}"
+            cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
+            key = (ipc, seed, method, labels, base.epochs)
+            claim = locks / f"{syn.name}_{pipeline.eval_tag(cfg, labels)}_e{base.epochs}.lock"
+            with file_lock(claim, block=wait) as mine:
+                if not mine:                                # another process is running it
+                    later.append((ipc, seed, method, labels))
+                    continue
+                with file_lock(lock):                       # it may have finished it before this claim
+                    data = load_results(path, base.teacher)
+                if _find(data, key) is not None:
+                    continue
+                where = f" (IPC {ipc}, seed {seed})" if several else ""
+                record = _run(cfg, syn, path, where, teacher_sha, ctx, show_progress,
+                              set_lock=locks / f"{syn.name}.lock", wait=wait)
+                if record is None:                          # its set is being distilled by another process
+                    later.append((ipc, seed, method, labels))
+                    continue
+                with file_lock(lock):                       # another process may have added runs meanwhile
+                    data = load_results(path, base.teacher)
+                    data["runs"].append(record)
+                    atomic_write_json(path, data)
+                    table(data)
+            if on_result:
+                on_result(record)
+        todo = later
+    with file_lock(lock):
+        data = load_results(path, base.teacher)
+        md = table(data)
+    cells = []
     for ipc, seed, method, labels in grid:
         record = _find(data, (ipc, seed, method, labels, base.epochs))
-        if record is None:
-            pending += 1
+        if record is None:          # a run another process gave up on (its error is in its output)
             continue
         syn = out / f"ipc{ipc}_s{seed}_{method}"
         cfg = base.replace(ipc=ipc, seed=seed, method=method, labels=labels, out=str(syn))
         cells.append(Cell(record, syn, stage_seconds(cfg, syn)))
-    if pending:
-        print(f"{pending} of {len(grid)} runs are still running in another process: the table holds the finished "
-              "ones (the last process to finish writes the whole grid)")
     sheet_path = None
     if sheet:
         sets = {r.method: out / f"ipc{ipcs[0]}_s{seeds[0]}_{r.method}" for r in grid_rows}
@@ -177,7 +188,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
         if sets:
             sheet_path = sheets.method_sheet(sets, out / "sheet_compare.png",
                                              title=f"first synthetic image per class, IPC {ipcs[0]}, seed {seeds[0]}")
-    return Comparison(path, data, cells, md, sheet_path, pending)
+    return Comparison(path, data, cells, md, sheet_path)
 
 
 def load_results(path: Path, teacher: str) -> dict:
@@ -200,35 +211,54 @@ def _find(data: dict, key: tuple) -> dict | None:
 
 
 def _run(cfg: RunConfig, syn: Path, results: Path, where: str, teacher_sha: str, ctx: pipeline.Context,
-         show_progress: bool, set_lock: Path) -> dict:
+         show_progress: bool, set_lock: Path, wait: bool = True) -> dict | None:
     """One row of the grid: distil (unless this (ipc, seed, method) is on disk), relabel if needed, evaluate.
 
     A compare continues what an interrupted one left: its stages run with ``resume`` on (a leftover piece
-    of other settings is still refused). ``set_lock``: held while the set is looked for and distilled (rows of
-    the same set in other processes wait for it)."""
+    of other settings is still refused). ``set_lock``: held while the set is looked for and distilled; when
+    another process holds it, None at once (``wait`` False) or after waiting for it."""
     cfg = cfg.replace(resume=True)
     method, labels = cfg.method, cfg.labels
     times: dict[str, float] = {}
     run = RunDir(syn)
-    with file_lock(set_lock):
+    with file_lock(set_lock, block=wait) as mine:
+        if not mine:
+            return None
         if run.synthetic.exists() and run.manifest("distill").exists():
             _check_reusable(cfg, syn, teacher_sha)         # a finished distillation (its manifest is written last)
         else:
             print(f"distilling with {method}{where} ...")
             times.update(pipeline.run_distill(cfg, show_progress=show_progress, ctx=ctx)["timings"])
+    record = {"ipc": cfg.ipc, "seed": cfg.seed, "method": method, "labels": labels, "epochs": cfg.epochs}
+    tag = pipeline.eval_tag(cfg, labels)
+    if run.evaluation(tag).exists():
+        r = _finished_evaluation(cfg, syn, tag, results)
+        return {**record, "test_top1": r["test_top1"], "val_top1": r["val_top1"], "label_bytes": r["label_bytes"],
+                "eval_s": sum(r.get("timings", {}).get(k, 0.0) for k in ("train", "evaluate"))}
     if labels in STORED and not run.labels(labels).exists():
         times.update(pipeline.run_relabel(cfg, syn, labels, show_progress=show_progress, ctx=ctx)["timings"])
-    eval_file = run.evaluation(pipeline.eval_tag(cfg, labels))
-    if eval_file.exists():
-        raise FileExistsError(f"{eval_file} exists but {results} has no such run: another run (other --results, "
-                              "or other student settings) evaluated this synthetic set. Use another --out, or "
-                              "that run's --results")
     print(f"training a student on {method} with {labels} labels{where} ...")
     t0 = time.perf_counter()
     r = pipeline.run_evaluate(cfg, syn, labels, show_progress=show_progress, ctx=ctx)
-    return {"ipc": cfg.ipc, "seed": cfg.seed, "method": method, "labels": labels, "epochs": cfg.epochs,
-            "test_top1": r["test_top1"], "val_top1": r["val_top1"], "label_bytes": r["label_bytes"],
+    return {**record, "test_top1": r["test_top1"], "val_top1": r["val_top1"], "label_bytes": r["label_bytes"],
             "eval_s": time.perf_counter() - t0, **times}
+
+
+def _finished_evaluation(cfg: RunConfig, syn: Path, tag: str, results: Path) -> dict:
+    """The result of an evaluation of this run found on disk but not in the results file (its process was killed
+    before adding it): reused when its manifest says it ran with these settings, else an error."""
+    run = RunDir(syn)
+    manifest = run.manifest(f"evaluate_{tag}")
+    now = json.loads(json.dumps(cfg.to_dict()))
+    skip = RUNTIME_FIELDS | {"out"}
+    saved = json.loads(manifest.read_text())["config"] if manifest.exists() else None
+    if saved is None or any(saved.get(k) != v for k, v in now.items() if k not in skip):
+        raise FileExistsError(f"{run.evaluation(tag)} exists but {results} has no such run: another run (other "
+                              "--results, or other student settings) evaluated this synthetic set. Use another "
+                              "--out, or that run's --results")
+    print(f"{run.evaluation(tag)}: an evaluation with these settings finished but was not in {results}: "
+          "added from its file")
+    return json.loads(run.evaluation(tag).read_text())
 
 
 def _check_reusable(cfg: RunConfig, syn: Path, teacher_sha: str) -> None:

@@ -150,7 +150,7 @@ class RunConfig:
     eval_batch_size: int = _f(500, "images per batch when scoring a model on the test and validation images",
                               "runtime")
     compile: bool | None = _f(None, "torch.compile student and teacher training; None: where it pays (on CUDA; on "
-                              "the CPU from 100k training samples, epochs x images)", "runtime")
+                              "the CPU from 20k training samples, epochs x images)", "runtime")
     sync_bn: bool | None = _f(None, "several processes: SyncBatchNorm in the student; None: on CUDA (the CPU has "
                               "none)", "student")
     set_on_device: bool | None = _f(None, "relabel and student training: copy the whole synthetic set to the device, "

@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -266,7 +267,8 @@ def refuse_overwrite(path: str | Path, what: str) -> None:
 def file_lock(path: str | Path, block: bool = True) -> Iterator[bool]:
     """An exclusive lock (``flock``) on the file ``path`` (created, never removed) while inside. ``block=False``:
     yields False at once when another process holds it (and True when this one got it). The lock goes with the
-    process: a killed holder frees it."""
+    process: a killed holder frees it. On a file system without ``flock`` (some network mounts) it warns and
+    yields True without a lock: one process at a time is then up to the user."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -274,6 +276,13 @@ def file_lock(path: str | Path, block: bool = True) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            warnings.warn(f"{path}: the file system does not lock files ({e.strerror}); run one process at a time "
+                          "on this folder", stacklevel=3)
+            yield True
             return
         try:
             yield True

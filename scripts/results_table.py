@@ -10,7 +10,7 @@ unchanged. Re-running continues the results file; ``--print`` only prints the co
 The same command may run in several processes at once (``--threads 1`` each, one per core): they share the grid
 (see ``nrrdd compare --help``). When the whole grid is done, the table compare wrote (``results/table_<dataset>.md``)
 replaces the text between ``<!-- table_<dataset>:start -->`` and ``<!-- table_<dataset>:end -->`` in each of
-:data:`DOCS` that has them (by the process that finishes it).
+:data:`DOCS` that has them.
 """
 import json
 import sys
@@ -42,7 +42,7 @@ def run(argv: list[str]) -> int:
     argv = command(argv)
     rc = main(argv)
     if rc == 0 and not missing(argv):
-        table = Path(argv[argv.index("--results") + 1]).with_suffix(".md")
+        table = Path(make_parser().parse_args(argv).results).with_suffix(".md")
         dataset = table.stem.removeprefix("table_")
         for doc in DOCS:
             if write_between_markers(doc, f"table_{dataset}", table.read_text(), add_missing=False):

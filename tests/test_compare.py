@@ -9,6 +9,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,6 @@ from nrrdd import pipeline
 from nrrdd.cli import main
 from nrrdd import compare
 from nrrdd.compare import Row, markdown, parse_rows
-from nrrdd.io import file_lock
 
 TESTS = Path(__file__).parent
 LENET = ["--arch", "lenet:LeNet", "--arch-kwargs", '{"batch_norm": true}', "--student", "lenet:LeNet"]
@@ -125,27 +125,62 @@ def test_compare_refuses_to_mix(teacher, data, tmp_path, capsys):
     assert "mipc 10 (now 12)" in capsys.readouterr().err
 
 
-def test_a_run_another_process_holds_is_left_to_it(teacher, data, tmp_path, monkeypatch, capsys):
-    """Several processes share one grid: a run whose lock another process holds is skipped (and reported), the
-    table holds the finished runs; once the lock is free the same command does that run only, on the set on disk."""
+HOLDER = """
+import json, sys, time
+from pathlib import Path
+from nrrdd.io import file_lock
+claim, results = Path(sys.argv[1]), Path(sys.argv[2])
+with file_lock(claim):
+    Path(str(claim) + ".held").touch()
+    while not (results.exists() and json.loads(results.read_text())["runs"]):
+        time.sleep(0.2)
+"""                 # holds a run's lock until another run is in the results file, then exits without doing it
+
+
+def test_a_run_held_by_a_process_that_dies_is_done_by_another(teacher, data, tmp_path, monkeypatch, capsys):
+    """A run whose lock another process holds is left to it while there is other work; at the end the process
+    waits for that lock, and when the holder died without the result it does the run itself (on the set on disk)."""
     out = tmp_path / "cmp"
     argv = ["compare", "--rows", "nrrdd:online", "nrrdd:hard", "--ipcs", "1", "--out", str(out),
             "--teacher", str(teacher), *LENET, *TINY, *data]
-    with file_lock(out / "locks" / "ipc1_s0_nrrdd_hard_e5.lock"):         # "another process" runs nrrdd:hard
-        assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "1 of 2 runs are still running in another process" in printed
-    runs = json.loads((out / "compare.json").read_text())["runs"]
-    assert [(r["method"], r["labels"]) for r in runs] == [("nrrdd", "online")]
-    assert "| nrrdd | online |" in (out / "compare.md").read_text()
-    assert "| nrrdd | hard |" not in (out / "compare.md").read_text()
-
-    monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: pytest.fail("the set was distilled again"))
+    tag = pipeline.eval_tag(build_config_for(LENET).replace(seed=0), "hard")
+    claim = out / "locks" / f"ipc1_s0_nrrdd_{tag}_e5.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(claim), str(out / "compare.json")])
+    while not Path(str(claim) + ".held").exists():
+        assert holder.poll() is None
+        time.sleep(0.1)
+    distilled = []
+    real = pipeline.run_distill
+    monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: distilled.append(1) or real(*a, **k))
     assert main(argv) == 0
+    assert holder.wait(timeout=60) == 0
     printed = capsys.readouterr().out
-    assert "still running" not in printed and printed.count("training a student") == 1
+    assert printed.index("with online labels") < printed.index("with hard labels") and len(distilled) == 1
     runs = json.loads((out / "compare.json").read_text())["runs"]
     assert [(r["method"], r["labels"]) for r in runs] == [("nrrdd", "online"), ("nrrdd", "hard")]
+    assert "| nrrdd | hard |" in (out / "compare.md").read_text()
+
+
+def test_an_evaluation_killed_before_its_record_is_added_from_its_file(teacher, data, tmp_path, monkeypatch, capsys):
+    """Killed between writing ``eval_<tag>.json`` and adding it to the results file: the next run adds it from
+    the file when its manifest has the same settings, and refuses when they differ."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--rows", "random:hard", "--ipcs", "1", "--out", str(out), "--teacher", str(teacher),
+            *LENET, *TINY, *data]
+    assert main(argv) == 0
+    results = out / "compare.json"
+    done = json.loads(results.read_text())
+    results.write_text(json.dumps({**done, "runs": []}))           # as if killed before the append
+    monkeypatch.setattr(pipeline, "run_evaluate", lambda *a, **k: pytest.fail("the student was trained again"))
+    capsys.readouterr()
+    assert main([*argv, "--threads", "2"]) == 0                        # runtime settings may differ
+    assert "added from its file" in capsys.readouterr().out
+    again = json.loads(results.read_text())["runs"]
+    assert [r["test_top1"] for r in again] == [r["test_top1"] for r in done["runs"]]
+
+    results.write_text(json.dumps({**done, "runs": []}))
+    assert main([*argv, "--lr", "0.002"]) == 2                         # another student setting: not this run
+    assert "has no such run" in capsys.readouterr().err
 
 
 def test_two_processes_share_one_grid(teacher, data, tmp_path):
