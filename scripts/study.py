@@ -109,15 +109,21 @@ def locked(path: Path):
             tmp.replace(path)
 
 
+def _resolved(cfg: RunConfig) -> dict:
+    """``cfg`` as a dict with the settings that depend on the IPC resolved (``cidd_keep auto`` at IPC 10 is
+    ``low``): the same set and student whichever way they were asked for."""
+    return cfg.replace(cidd_keep=cfg.resolved_cidd_keep()).to_dict()
+
+
 def distill_key(cfg: RunConfig, teacher_sha: str) -> str:
     """A synthetic set's settings (the fields it depends on) and teacher, as a short hash naming its folder."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in NOT_DISTILL}
+    d = {k: v for k, v in _resolved(cfg).items() if k not in NOT_DISTILL}
     return _hash({**d, "teacher_sha256": teacher_sha})
 
 
 def config_key(cfg: RunConfig, teacher_sha: str) -> str:
     """Every setting of a trial but how it runs (threads, output folder), and its teacher."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "threads", "resume", "teacher")}
+    d = {k: v for k, v in _resolved(cfg).items() if k not in ("out", "threads", "resume", "teacher")}
     return _hash({**d, "teacher_sha256": teacher_sha})
 
 

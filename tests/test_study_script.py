@@ -81,3 +81,15 @@ def test_the_docs_get_the_table_only_when_the_whole_grid_is_done(tmp_path):
                                                                {**run, "seed": 0, "epochs": 100}]}))
     assert table.missing(argv) == 8 * 3 * 3 + 1
     assert table.missing([*argv, "--epochs", "100"]) == 8 * 3 * 3 + 2
+
+
+def test_cidd_keep_auto_names_the_same_set_as_the_rule_it_resolves_to():
+    """Trials on the current defaults reuse the sets of trials that asked for the rule by name."""
+    from nrrdd.config import RunConfig
+
+    base = RunConfig(dataset="fashion-mnist", teacher="t.pt", method="nrrdd")
+    for ipc, rule, other in ((1, "high", "low"), (10, "low", "high")):
+        auto, named = base.replace(ipc=ipc), base.replace(ipc=ipc, cidd_keep=rule)
+        assert study.distill_key(auto, "sha") == study.distill_key(named, "sha")
+        assert study.config_key(auto, "sha") == study.config_key(named, "sha")
+        assert study.distill_key(auto, "sha") != study.distill_key(base.replace(ipc=ipc, cidd_keep=other), "sha")
