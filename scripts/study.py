@@ -88,6 +88,9 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         ("dbr T 4, CE at T 1, alpha 4", "nrrdd", "dbr", {"dbr_temperature": 4.0, "dbr_sce_temperature": 1.0,
                                                          "alpha_dbr": 4.0}),
         ("dbr smooth-l1", "nrrdd", "dbr", {"dbr_distance": "smooth-l1"}),
+        # at IPC 10 T 4 beat T 1 and a sharper cross-entropy (T 1) hurt: further along that line
+        ("dbr T 10", "nrrdd", "dbr", {"dbr_temperature": 10.0}),
+        ("dbr T 20", "nrrdd", "dbr", {"dbr_temperature": 20.0}),
     ],
 }
 
