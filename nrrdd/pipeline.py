@@ -423,7 +423,7 @@ def eval_tag(cfg: RunConfig, label_mode: str) -> str:
     """Names an evaluation of a synthetic set: ``<syn>/eval_<tag>.json``, one per label mode, student and seed."""
     student_tag = re.sub(r"[^\w.-]", ".", cfg.student)        # package.module:Class -> package.module.Class
     tag = f"{label_mode}_{student_tag}_s{cfg.seed}" + (f"_a{cfg.alpha_dbr:g}" if label_mode == "dbr" else "")
-    if cfg.recipe != "nrrdd":                       # student settings other than the defaults name themselves
+    if cfg.recipe != RunConfig.recipe:              # student settings other than the defaults name themselves
         tag += f"_{cfg.recipe}"
     if label_mode == "dbr":
         if cfg.dbr_distance != "l1":

@@ -37,7 +37,7 @@ def _param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-RECIPES = ("nrrdd", "rded")
+RECIPES = ("rded", "nrrdd")
 
 
 def _rded_schedule(epochs: int, steps_per_epoch: int):
@@ -232,7 +232,7 @@ class StudentSettings:
     dbr_distance: str = "l1"
     dbr_temperature: float = 1.0
     dbr_sce_temperature: float | None = None
-    recipe: str = "nrrdd"
+    recipe: str = "rded"
     compile: bool = False
     sync_bn: bool = False
     set_on_device: bool | None = None

@@ -93,3 +93,15 @@ def test_cidd_keep_auto_names_the_same_set_as_the_rule_it_resolves_to():
         assert study.distill_key(auto, "sha") == study.distill_key(named, "sha")
         assert study.config_key(auto, "sha") == study.config_key(named, "sha")
         assert study.distill_key(auto, "sha") != study.distill_key(base.replace(ipc=ipc, cidd_keep=other), "sha")
+
+
+def test_a_retired_trial_is_reported_with_its_round():
+    """A trial that repeats today's default (``rded recipe`` once the default is rded's) is not run again, but its
+    records stay in the report, against its round's control on the same defaults."""
+    base = '{"recipe": "nrrdd"}'
+    trials = (_trials("default", "recipe", "online", [60.0, 61.0, 62.0], base=base)
+              + _trials("rded recipe", "recipe", "online", [65.0, 66.0, 67.0], base=base))
+    rows = {r["name"]: r for r in study.summarise(trials)}
+    assert rows["rded recipe"]["round"] == "recipe on recipe=nrrdd" and rows["rded recipe"]["gain"] == 5.0
+    assert "rded recipe" not in [name for name, *_ in study.ROUNDS["recipe"]]
+    assert study.table(list(rows.values())).splitlines()[2].startswith("| recipe on recipe=nrrdd | default |")
