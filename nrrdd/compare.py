@@ -142,6 +142,9 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     # for the second, which waits for their locks: a run whose holder died is done here.
     todo = [(ipc, seed, m, lab) for ipc, seed, m, lab in grid if _find(data, (ipc, seed, m, lab, base.epochs)) is None]
     for wait in (False, True):
+        if wait and todo:
+            print(f"{len(todo)} runs of this grid are held by other processes: waiting for them (or doing those "
+                  "whose process stopped)", flush=True)
         later = []
         for ipc, seed, method, labels in todo:
             syn = out / f"ipc{ipc}_s{seed}_{method}"
