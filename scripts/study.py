@@ -73,9 +73,9 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         ("random online", "random", "online", {}),
         ("random + NRR", "random", "online", {"refine": True}),
     ],
-    "recipe": [           # the student's recipe, on NRR-DD and on random images (the default is rded's since
-        ("default", "nrrdd", "online", {}),              # it won this round; the records before it say
-        ("nrrdd recipe", "nrrdd", "online", {"recipe": "nrrdd"}),       # "rded recipe" on base recipe=nrrdd)
+    "recipe": [           # the student's recipe (default rded), on NRR-DD and on random images
+        ("default", "nrrdd", "online", {}),
+        ("nrrdd recipe", "nrrdd", "online", {"recipe": "nrrdd"}),
         ("random online", "random", "online", {}),
         ("random, nrrdd recipe", "random", "online", {"recipe": "nrrdd"}),
     ],
