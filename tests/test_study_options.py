@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nrrdd.augment import epoch_augment, epoch_order
+from nrrdd.cam import class_activation_map, nrr_mask
 from nrrdd.compare import dd_ranking, full_hard_top1
 from nrrdd.config import RunConfig
 from nrrdd.data import Normalizer, TensorImageSet
@@ -158,6 +159,40 @@ def test_mask_on_the_gradient_before_adam_is_a_binary_mask_on_the_first_step():
     assert torch.equal(dg[(grad.masks == 0).expand_as(dg)], torch.zeros_like(dg[(grad.masks == 0).expand_as(dg)]))
 
 
+def test_mask_refresh_every_k_steps_by_hand():
+    # masked gradient descent (a_bn 0: L = CE), two steps; mask_every 1 recomputes M from the CAM of the current
+    # images before the second step, mask_every 0 keeps the first step's M
+    teacher = _small_teacher()
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    y = torch.tensor([0, 1, 2])
+    lo, hi, lr, eps = -1.0, 1.0, 40.0, 0.5
+
+    def mask(x):
+        with torch.no_grad():
+            return nrr_mask(class_activation_map(teacher, x, y).float(), eps)
+
+    def grad(x):
+        x = x.clone().requires_grad_(True)
+        F.cross_entropy(teacher(x), y).backward()
+        return x.grad
+
+    def by_hand(refresh):
+        x, m = x0.clone(), mask(x0)
+        for it in range(2):
+            if refresh and it:
+                m = mask(x)
+            x = (x - lr * 0.5 * (1 + math.cos(math.pi * it / 2)) * m * grad(x)).clamp(lo, hi)
+        return x, m
+
+    for every in (0, 1):
+        got = refine(teacher, x0, y, (torch.tensor([lo]), torch.tensor([hi])),
+                     RefineSettings(iterations=2, eps=eps, lr=lr, a_bn=0.0, mask_mode="sgd", mask_every=every))
+        want, m = by_hand(refresh=every == 1)
+        torch.testing.assert_close(got.images, want)
+        torch.testing.assert_close(got.masks, m)
+    assert not torch.equal(by_hand(True)[1], by_hand(False)[1])          # the refresh changed the mask
+
+
 def test_unknown_mask_mode_is_refused():
     with pytest.raises(ValueError, match="mask_mode"):
         refine(_small_teacher(), torch.zeros(1, 1, 8, 8), torch.tensor([0]), (torch.tensor([-1.0]),
@@ -267,6 +302,29 @@ def test_teacher_weight_decay_is_applied():
         return float(m.classifier.weight.detach().norm())
 
     assert norm(0.5) < norm(0.0)
+
+
+def test_teacher_lr_and_batch_size_reach_the_optimiser():
+    cfg = RunConfig(teacher_lr=0.2, teacher_batch_size=16, teacher_epochs=2)
+    st = TeacherSettings.of(cfg)
+    assert (st.lr, st.batch_size, st.epochs) == (0.2, 16, 2)
+    data = TensorImageSet((torch.rand(40, 1, 8, 8) * 255).to(torch.uint8), torch.arange(4).repeat(10),
+                          ["a", "b", "c", "d"])
+
+    def train(lr):
+        torch.manual_seed(0)
+        m = ConvNet(num_classes=4, depth=2, width=8, channels=1, im_size=8)
+        before = [p.detach().clone() for p in m.parameters()]
+        sizes = []
+        m.register_forward_pre_hook(lambda mod, args: sizes.append(len(args[0])))
+        train_teacher(m, data, Normalizer((0.5,), (0.5,)), TeacherSettings(epochs=2, lr=lr, batch_size=16, seed=0),
+                      Runtime(loader="torch", show_progress=False))
+        return sizes, all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+    sizes, unchanged = train(0.0)
+    assert sizes == [16, 16, 8] * 2                                 # 40 images in batches of 16, two epochs
+    assert unchanged                                                # lr 0: SGD moves no weight
+    assert not train(0.1)[1]
 
 
 # --- DD-Ranking ----------------------------------------------------------------------------------------------
