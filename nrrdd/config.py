@@ -286,3 +286,5 @@ def fields_of(*stages: str) -> frozenset[str]:
 RUNTIME_FIELDS = fields_of("runtime")
 # What a synthetic set does not depend on; the teacher enters it by its file's hash, not its path.
 NOT_DISTILL = fields_of(*(s for s in STAGES if s not in DISTILL_STAGES))
+# What training a teacher does not depend on: a killed `train-teacher` resumes whatever these are.
+NOT_TEACHER = fields_of("discover", "refine", "student", "test", "runtime")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .cam import require_cam
-from .config import NOT_DISTILL, RUNTIME_FIELDS, RunConfig
+from .config import NOT_DISTILL, NOT_TEACHER, RUNTIME_FIELDS, RunConfig
 from .data import Splits, describe_class_mismatch, load_splits
 from .discover import DiscoverSettings, assemble, select
 from .dist import SINGLE, Dist, setup as setup_dist
@@ -151,7 +151,7 @@ def run_train_teacher(cfg: RunConfig, show_progress: bool = True) -> dict:
     model = build_model(cfg.arch, len(sp.classes), sp.channels, sp.size, cfg.arch_kwargs)
     skipped: list = []
     # a teacher epoch is a pass over the whole training set: its state is saved after each
-    state = TrainCheckpoint(run.teacher_state, _identity(ctx), every=1)
+    state = TrainCheckpoint(run.teacher_state, _identity(ctx, NOT_TEACHER), every=1)
     _refuse_leftover(cfg, state.path.exists(), f"{state.path} holds the state of an interrupted teacher training")
     with _timed(ctx, "train"):
         settings = TeacherSettings.of(cfg, device_type=ctx.device.type, n_images=len(sp.train))

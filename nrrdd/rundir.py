@@ -165,11 +165,16 @@ class DiscoveryStore:
         self.store.remove()
 
 
+_MISSING = object()
+
+
 class TrainCheckpoint:
     """Training state (a student's or a teacher's) at an epoch boundary, in one file written atomically.
 
-    ``identity`` (e.g. the run's config without runtime fields) is stored with it; a saved state whose
-    identity differs is refused, so a resume never mixes two configurations."""
+    ``identity`` (e.g. the run's config without runtime fields) is stored with it; a saved state that differs
+    from it in one of its keys is refused, so a resume never mixes two configurations. Keys of the saved
+    identity that ``identity`` lacks are not compared: what the current code says a stage does not depend on
+    (a teacher's checkpoint saved with a run's student settings resumes under other ones)."""
 
     def __init__(self, path, identity: dict, every: int = 1):
         if every < 1:
@@ -188,9 +193,8 @@ class TrainCheckpoint:
         if not self.path.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["identity"] != self.identity:
-            diff = sorted(k for k in set(state["identity"]) | set(self.identity)
-                          if state["identity"].get(k) != self.identity.get(k))
+        diff = sorted(k for k in self.identity if state["identity"].get(k, _MISSING) != self.identity[k])
+        if diff:
             raise ValueError(f"{self.path} was saved by a run with other settings ({', '.join(diff)}): "
                              "it cannot be resumed with these; remove it or use another --out")
         model.load_state_dict(state["model"])

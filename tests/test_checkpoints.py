@@ -67,3 +67,23 @@ def test_cli_exits_2_with_one_line_and_no_traceback(kind, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_training_state_is_refused_only_for_a_setting_the_stage_depends_on(tmp_path):
+    from nrrdd.config import NOT_TEACHER
+    from nrrdd.rundir import TrainCheckpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    path = tmp_path / "checkpoint.pt"
+    TrainCheckpoint(path, {"teacher_lr": 0.05, "recipe": "nrrdd"}).save(3, model, opt, sched)
+    # the saved state also holds a student setting; a teacher's identity no longer names it
+    assert TrainCheckpoint(path, {"teacher_lr": 0.05}).restore(model, opt, sched) == 3
+    with pytest.raises(ValueError, match=r"other settings \(teacher_lr\)"):
+        TrainCheckpoint(path, {"teacher_lr": 0.1}).restore(model, opt, sched)
+    with pytest.raises(ValueError, match=r"other settings \(teacher_epochs\)"):       # a key it was saved without
+        TrainCheckpoint(path, {"teacher_lr": 0.05, "teacher_epochs": 30}).restore(model, opt, sched)
+    assert {"recipe", "epochs", "ipc", "nrr_eps", "labels", "test_limit", "threads"} <= NOT_TEACHER
+    assert not {"teacher_lr", "teacher_epochs", "teacher_batch_size", "dataset", "seed", "arch", "precision",
+                "train_limit", "val_per_class"} & NOT_TEACHER
