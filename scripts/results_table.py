@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nrrdd.cli import build_config, main, make_parser
 from nrrdd.compare import parse_rows
-from nrrdd.io import write_between_markers
+from nrrdd.io import file_lock, write_between_markers
 
 ROWS = {
     "fashion-mnist": ["random:online", "rded:online", "nrrdd:online", "nrrdd:soft", "nrrdd:dbr", "random:hard",
@@ -26,6 +26,7 @@ ROWS = {
     "mnist": ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr"],
 }
 DOCS = [Path("README.md"), Path("docs/results.md")]
+DOCS_LOCK = Path("results/docs.lock")
 
 
 def command(argv: list[str]) -> list[str]:
@@ -44,9 +45,10 @@ def run(argv: list[str]) -> int:
     if rc == 0 and not missing(argv):
         table = Path(make_parser().parse_args(argv).results).with_suffix(".md")
         dataset = table.stem.removeprefix("table_")
-        for doc in DOCS:
-            if write_between_markers(doc, f"table_{dataset}", table.read_text(), add_missing=False):
-                print(f"{doc}: table_{dataset} updated from {table}")
+        with file_lock(DOCS_LOCK):          # two datasets' tables may finish at once: one writer per doc
+            for doc in DOCS:
+                if write_between_markers(doc, f"table_{dataset}", table.read_text(), add_missing=False):
+                    print(f"{doc}: table_{dataset} updated from {table}")
     return rc
 
 
