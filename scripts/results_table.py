@@ -1,7 +1,7 @@
 """The results tables of docs/results.md: ``nrrdd compare`` with the defaults of nrrdd/config.py, seeds 0-2, IPC 1, 10, 50.
 
-    python scripts/results_table.py --teacher runs/teachers/fashion-mnist_conv3_e10_s0/teacher.pt
-    python scripts/results_table.py --dataset mnist --teacher runs/teachers/mnist_conv3_e3_s0/teacher.pt
+    python scripts/results_table.py --teacher results/teachers/fashion-mnist_conv3_e10_s0/teacher.pt
+    python scripts/results_table.py --dataset mnist --teacher results/teachers/mnist_conv3_e3_s0/teacher.pt
 
 One ``nrrdd compare`` command per dataset. Fashion-MNIST: every row of the results table (SRe2L at IPC 10 only,
 the row ``sre2l:online@10``). MNIST: the second table's rows. Any other flag goes to ``nrrdd compare``
