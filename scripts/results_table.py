@@ -5,20 +5,27 @@
 
 One ``nrrdd compare`` command per dataset. Fashion-MNIST: every row of the results table (SRe2L at IPC 10 only,
 the row ``sre2l:online@10``). MNIST: the second table's rows. Any other flag goes to ``nrrdd compare``
-unchanged. Re-running continues the results file; ``--print`` only prints the command.
+unchanged. Re-running continues the results file; ``--print`` only prints the command; ``--summary`` runs nothing:
+it writes the table and the targets' verdict (below) into the docs from the results file as it stands.
 
 The same command may run in several processes at once (``--threads 1`` each, one per core): they share the grid
 (see ``nrrdd compare --help``). When the whole grid is done, the table compare wrote (``results/table_<dataset>.md``)
 replaces the text between ``<!-- table_<dataset>:start -->`` and ``<!-- table_<dataset>:end -->`` in each of
 :data:`DOCS` that has them.
+
+Each invocation ends by writing ``results/table_<dataset>_targets.md``: issue 14's targets (NRR-DD online above
+random and RDED online at every IPC, by at least 1 point at IPC 10 and 50; NRR-DD DBR within 2 points of NRR-DD
+online at IPC 10 and 50), each judged on the means over seeds 0-2 of the test split: met, missed, or waiting
+while a run it needs is missing. It goes into the docs with the table, between ``targets_<dataset>`` markers.
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 
 from nrrdd.cli import build_config, main, make_parser
 from nrrdd.compare import parse_rows
-from nrrdd.io import file_lock, write_between_markers
+from nrrdd.io import atomic_write_text, file_lock, write_between_markers
 
 ROWS = {
     "fashion-mnist": ["random:online", "rded:online", "nrrdd:online", "nrrdd:soft", "nrrdd:dbr", "random:hard",
@@ -26,6 +33,11 @@ ROWS = {
     "mnist": ["random:online", "rded:online", "nrrdd:online", "nrrdd:dbr"],
 }
 DOCS = [Path("README.md"), Path("docs/results.md")]
+SEEDS = [0, 1, 2]
+# (ipc, row, other, least): the row's mean minus the other's must be at least ``least`` points (above it when 0)
+TARGETS = [(ipc, "nrrdd:online", other, least) for ipc, least in ((1, 0.0), (10, 1.0), (50, 1.0))
+           for other in ("random:online", "rded:online")] + \
+          [(ipc, "nrrdd:dbr", "nrrdd:online", -2.0) for ipc in (10, 50)]
 DOCS_LOCK = Path("results/docs.lock")
 
 
@@ -36,19 +48,65 @@ def command(argv: list[str]) -> list[str]:
             "--out", f"runs/table_{dataset}", "--results", f"results/table_{dataset}.json", *argv]
 
 
+def targets(runs: list[dict], epochs: int, seeds: list[int] = SEEDS) -> str:
+    """The verdict on each of :data:`TARGETS`, a markdown table: both rows' means over ``seeds`` (runs with
+    ``epochs`` student epochs), the gap, and met / missed, or ``waiting`` while a seed of either row is missing."""
+    def mean(ipc: int, row: str) -> float | None:
+        method, labels = row.split(":")
+        v = {r["seed"]: r["test_top1"] for r in runs if r["epochs"] == epochs and r["ipc"] == ipc
+             and (r["method"], r["labels"]) == (method, labels) and r["seed"] in seeds}
+        return statistics.mean(v.values()) if len(v) == len(seeds) else None
+
+    lines = [f"| IPC | target | {len(seeds)}-seed means, test top-1 | gap | verdict |", "|---|---|---|---|---|"]
+    for ipc, row, other, least in sorted(TARGETS, key=lambda t: t[0]):
+        need = (f"{row} within {-least:g} points of {other}" if least < 0 else
+                f"{row} above {other}" + (f" by at least {least:g} point{'s' * (least != 1)}" if least else ""))
+        a, b = mean(ipc, row), mean(ipc, other)
+        if a is None or b is None:
+            lines.append(f"| {ipc} | {need} | - | - | waiting |")
+            continue
+        gap = round(a - b, 2)                       # the table's precision decides, not float noise
+        met = gap >= least if least else gap > 0
+        lines.append(f"| {ipc} | {need} | {a:.2f} vs {b:.2f} | {gap:+.2f} | {'met' if met else '**missed**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_targets(argv: list[str]) -> Path:
+    """``results/table_<dataset>_targets.md`` from the results file of the compare arguments ``argv``."""
+    ns = make_parser().parse_args(argv)
+    results = Path(ns.results)
+    runs = json.loads(results.read_text())["runs"] if results.exists() else []
+    return atomic_write_text(results.with_name(results.stem + "_targets.md"),
+                             targets(runs, build_config(ns).epochs, ns.seeds))
+
+
+def write_docs(argv: list[str]) -> None:
+    """The table compare wrote and the targets' verdict into each of :data:`DOCS` that has their markers."""
+    results = Path(make_parser().parse_args(argv).results)
+    dataset = results.stem.removeprefix("table_")
+    with file_lock(DOCS_LOCK):              # two datasets' tables may finish at once: one writer per doc
+        for kind, text in (("table", results.with_suffix(".md")), ("targets", write_targets(argv))):
+            if not text.exists():
+                continue
+            for doc in DOCS:
+                if write_between_markers(doc, f"{kind}_{dataset}", text.read_text(), add_missing=False):
+                    print(f"{doc}: {kind}_{dataset} updated from {text}")
+
+
 def run(argv: list[str]) -> int:
     if "--print" in argv:
         print(" ".join(["nrrdd", *command([a for a in argv if a != "--print"])]))
         return 0
+    if "--summary" in argv:                 # what the results file holds now, complete or not
+        argv = command([a for a in argv if a != "--summary"])
+        write_docs(argv)
+        print(write_targets(argv).read_text(), end="")
+        return 0
     argv = command(argv)
     rc = main(argv)
+    write_targets(argv)
     if rc == 0 and not missing(argv):
-        table = Path(make_parser().parse_args(argv).results).with_suffix(".md")
-        dataset = table.stem.removeprefix("table_")
-        with file_lock(DOCS_LOCK):          # two datasets' tables may finish at once: one writer per doc
-            for doc in DOCS:
-                if write_between_markers(doc, f"table_{dataset}", table.read_text(), add_missing=False):
-                    print(f"{doc}: table_{dataset} updated from {table}")
+        write_docs(argv)
     return rc
 
 

@@ -105,3 +105,41 @@ def test_a_retired_trial_is_reported_with_its_round():
     assert rows["rded recipe"]["round"] == "recipe on recipe=nrrdd" and rows["rded recipe"]["gain"] == 5.0
     assert "rded recipe" not in [name for name, *_ in study.ROUNDS["recipe"]]
     assert study.table(list(rows.values())).splitlines()[2].startswith("| recipe on recipe=nrrdd | default |")
+
+
+def test_each_target_is_met_missed_or_waiting_by_hand(tmp_path):
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "scripts" /
+                                                  "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def rows(method, labels, ipc, values, epochs=300):
+        return [dict(method=method, labels=labels, ipc=ipc, seed=s, epochs=epochs, test_top1=v)
+                for s, v in enumerate(values)]
+    runs = (rows("nrrdd", "online", 1, [70.0, 71.0, 72.0]) + rows("random", "online", 1, [70.0, 70.0, 70.0])
+            + rows("rded", "online", 1, [71.0, 70.0, 72.0])                  # equal means: not above
+            + rows("nrrdd", "online", 10, [86.0, 86.5, 85.5]) + rows("random", "online", 10, [85.0, 85.0, 85.0])
+            + rows("rded", "online", 10, [85.0, 85.0, 85.03])                 # 0.99 above: not 1
+            + rows("nrrdd", "dbr", 10, [84.0, 84.0, 84.0])                    # exactly 2 below: within
+            + rows("nrrdd", "dbr", 10, [99.0, 99.0, 99.0], epochs=100)        # another grid's runs: ignored
+            + rows("nrrdd", "online", 50, [90.0, 90.0]) + rows("random", "online", 50, [80.0, 80.0, 80.0]))
+    lines = table.targets(runs, epochs=300).splitlines()[2:]
+    verdicts = [(int(line.split("|")[1]), line.split("|")[4].strip(), line.split("|")[5].strip()) for line in lines]
+    assert verdicts == [(1, "+1.00", "met"), (1, "+0.00", "**missed**"),
+                        (10, "+1.00", "met"), (10, "+0.99", "**missed**"), (10, "-2.00", "met"),
+                        (50, "-", "waiting"), (50, "-", "waiting"), (50, "-", "waiting")]    # seed 2 missing
+    assert "71.00 vs 70.00" in lines[0] and "within 2 points of nrrdd:online" in lines[4]
+
+    # --summary: the verdict beside the results file, and with the table into each doc that has their markers
+    results = tmp_path / "table_x.json"
+    results.write_text(json.dumps({"teacher": "t.pt", "runs": runs}))
+    (tmp_path / "table_x.md").write_text("| the table |\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- table_x:start -->\n<!-- table_x:end -->\ntext\n<!-- targets_x:start -->\n<!-- targets_x:end -->\n")
+    table.DOCS, table.DOCS_LOCK = [doc, tmp_path / "no_markers.md"], tmp_path / "docs.lock"
+    assert table.run(["--teacher", "t.pt", "--results", str(results), "--summary"]) == 0
+    verdict = (tmp_path / "table_x_targets.md").read_text()
+    assert verdict == table.targets(runs, epochs=300)
+    assert doc.read_text() == (f"<!-- table_x:start -->\n| the table |\n<!-- table_x:end -->\ntext\n"
+                               f"<!-- targets_x:start -->\n{verdict}<!-- targets_x:end -->\n")
+    assert not (tmp_path / "no_markers.md").exists()
