@@ -7,11 +7,13 @@ labels (dbr, soft), trains a student and reports top-1 on the real test split. R
 file (default ``<out>/compare.json``)::
 
     {"teacher": "runs/teachers/.../teacher.pt",
+     "settings": {every config field the runs share: what :func:`grid_settings` keeps},
      "runs": [{"ipc", "seed", "method", "labels", "epochs", "test_top1", "val_top1", "label_bytes", "eval_s",
                and the seconds of the stages that run did itself: "discover", "refine", "write", "relabel"}]}
 
-Re-running continues it: runs already there (same ipc, seed, method, labels, epochs) are skipped. Beside it the
-markdown table (``.md``: rows x IPC, mean ± std over seeds) and ``<out>/sheet_compare.png`` (the first IPC and
+Re-running continues it: runs already there (same ipc, seed, method, labels, epochs) are skipped, and a grid
+with other settings (another ``--nrr-eps``, ``--recipe`` ...) or another teacher is refused: give it another
+file. Beside it the markdown table (``.md``: rows x IPC, mean ± std over seeds) and ``<out>/sheet_compare.png`` (the first IPC and
 seed: one row of images per method, the same classes in every row).
 
 The same command may run in several processes at once (one per core with ``--threads 1``, or one per GPU): each
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from . import pipeline, sheets
-from .config import NOT_DISTILL, RUNTIME_FIELDS, RunConfig
+from .config import NOT_DISTILL, RUNTIME_FIELDS, RunConfig, fields_of
 from .io import atomic_write_json, atomic_write_text, file_lock, file_sha256
 from .relabel import STORED                # label modes read from a `relabel` file
 from .rundir import RunDir, teacher_meta_path
@@ -120,8 +122,9 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     out = Path(base.out)
     path = Path(results) if results else out / "compare.json"
     lock = path.with_suffix(".lock")
+    settings = grid_settings(base)
     with file_lock(lock):
-        data = load_results(path, base.teacher)
+        data = load_results(path, base.teacher, settings)
     grid = [(ipc, seed, r.method, r.labels) for ipc in ipcs for seed in seeds for r in grid_rows if r.runs_at(ipc)]
     n_done = sum(_find(data, (ipc, seed, m, lab, base.epochs)) is not None for ipc, seed, m, lab in grid)
     if n_done:
@@ -156,7 +159,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
                     later.append((ipc, seed, method, labels))
                     continue
                 with file_lock(lock):                       # it may have finished it before this claim
-                    data = load_results(path, base.teacher)
+                    data = load_results(path, base.teacher, settings)
                 if _find(data, key) is not None:
                     continue
                 where = f" (IPC {ipc}, seed {seed})" if several else ""
@@ -166,7 +169,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
                     later.append((ipc, seed, method, labels))
                     continue
                 with file_lock(lock):                       # another process may have added runs meanwhile
-                    data = load_results(path, base.teacher)
+                    data = load_results(path, base.teacher, settings)
                     data["runs"].append(record)
                     atomic_write_json(path, data)
                     table(data)
@@ -174,7 +177,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
                 on_result(record)
         todo = later
     with file_lock(lock):
-        data = load_results(path, base.teacher)
+        data = load_results(path, base.teacher, settings)
         md = table(data)
     cells = []
     for ipc, seed, method, labels in grid:
@@ -194,10 +197,23 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     return Comparison(path, data, cells, md, sheet_path)
 
 
-def load_results(path: Path, teacher: str) -> dict:
-    """The results file to continue, or a new one. Its runs must come from the same teacher."""
+# The fields a results file's runs may differ in (the grid's own, how a run runs) or that are checked apart (the
+# teacher, by its path; train-teacher's settings do not enter a compare).
+NOT_SHARED = frozenset({"ipc", "seed", "method", "labels", "epochs", "out"}) | RUNTIME_FIELDS | \
+    fields_of("teacher", "device")
+
+
+def grid_settings(cfg: RunConfig) -> dict:
+    """What every run of one results file shares: ``cfg`` as config.json holds it, less :data:`NOT_SHARED`."""
+    return {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in NOT_SHARED}
+
+
+def load_results(path: Path, teacher: str, settings: dict | None = None) -> dict:
+    """The results file to continue, or a new one. Its runs must come from the same teacher and, where
+    ``settings`` (:func:`grid_settings`) is given, the same settings; a file written before settings were recorded
+    takes these."""
     if not path.exists():
-        return {"teacher": teacher, "runs": []}
+        return {"teacher": teacher, "runs": [], **({"settings": settings} if settings is not None else {})}
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
         raise ValueError(f"{path} is not a results file of `nrrdd compare` (expected {{\"teacher\": ..., "
@@ -205,6 +221,12 @@ def load_results(path: Path, teacher: str) -> dict:
     if Path(str(data.get("teacher"))).resolve() != Path(teacher).resolve():
         raise ValueError(f"{path} holds results of teacher {data.get('teacher')}, not of --teacher {teacher}: "
                          "give another --results file (or the same teacher)")
+    if settings is not None:
+        saved = data.setdefault("settings", settings)
+        diff = [f"{k} {saved[k]!r} (now {v!r})" for k, v in settings.items() if k in saved and saved[k] != v]
+        if diff:
+            raise ValueError(f"{path} holds runs made with other settings: {'; '.join(diff)}. Give another "
+                             "--results file (or the same settings)")
     return data
 
 

@@ -64,7 +64,10 @@ def test_compare_table_sheet_and_resume(teacher, data, tmp_path, monkeypatch, ca
     printed = capsys.readouterr().out
 
     results = json.loads((out / "compare.json").read_text())
-    assert set(results) == {"teacher", "runs"} and results["teacher"] == str(teacher)
+    assert set(results) == {"teacher", "settings", "runs"} and results["teacher"] == str(teacher)
+    from nrrdd.cli import build_config, make_parser
+    assert results["settings"] == compare.grid_settings(build_config(make_parser().parse_args(argv)))
+    assert results["settings"]["nrr_iterations"] == 5 and "seed" not in results["settings"]
     runs = results["runs"]
     assert [(r["ipc"], r["seed"], r["method"], r["labels"], r["epochs"]) for r in runs] == [
         (1, 0, "random", "online", 5), (1, 0, "nrrdd", "dbr", 5), (1, 1, "random", "online", 5),
@@ -121,8 +124,20 @@ def test_compare_refuses_to_mix(teacher, data, tmp_path, capsys):
     assert "holds results of teacher" in capsys.readouterr().err
 
     # another distillation setting must not silently reuse the set distilled under the old one
-    assert main([*argv, "--teacher", str(teacher), "--rows", "random:hard", "--mipc", "12"]) == 2
+    assert main([*argv, "--teacher", str(teacher), "--rows", "random:hard", "--mipc", "12",
+                 "--results", str(tmp_path / "new.json")]) == 2
     assert "mipc 10 (now 12)" in capsys.readouterr().err
+
+    # nor may a results file take runs of other settings, nor report its runs as done for them
+    before = (out / "compare.json").read_text()
+    for flag in (["--nrr-eps", "0.3"], ["--recipe", "nrrdd"], ["--rows", "random:hard", "--temperature", "4"]):
+        assert main([*argv, "--teacher", str(teacher), *flag]) == 2
+        err = capsys.readouterr().err
+        assert "holds runs made with other settings" in err and "(now " in err, err
+    assert (out / "compare.json").read_text() == before
+    # how a run runs is not a setting of its results: it continues
+    assert main([*argv, "--teacher", str(teacher), "--threads", "2", "--checkpoint-every", "3"]) == 0
+    assert "resuming: 1 of 1 runs" in capsys.readouterr().out
 
 
 HOLDER = """
@@ -180,6 +195,9 @@ def test_an_evaluation_killed_before_its_record_is_added_from_its_file(teacher, 
 
     results.write_text(json.dumps({**done, "runs": []}))
     assert main([*argv, "--lr", "0.002"]) == 2                         # another student setting: not this run
+    assert "holds runs made with other settings: lr 0.001 (now 0.002)" in capsys.readouterr().err
+    results.write_text(json.dumps({"teacher": done["teacher"], "runs": []}))   # a file that records no settings
+    assert main([*argv, "--lr", "0.002"]) == 2                         # the evaluation's own manifest refuses it
     assert "has no such run" in capsys.readouterr().err
 
 
