@@ -13,8 +13,8 @@ file (default ``<out>/compare.json``)::
 
 Re-running continues it: runs already there (same ipc, seed, method, labels, epochs) are skipped, and a grid
 with other settings (another ``--nrr-eps``, ``--recipe`` ...) or another teacher is refused: give it another
-file. Beside it the markdown table (``.md``: rows x IPC, mean ± std over seeds) and ``<out>/sheet_compare.png`` (the first IPC and
-seed: one row of images per method, the same classes in every row).
+file. Beside it the markdown table (``.md``: rows x IPC, mean ± std over seeds) and ``<out>/sheet_compare.png``
+(the first IPC and seed: one row of images per method, the same classes in every row).
 
 The same command may run in several processes at once (one per core with ``--threads 1``, or one per GPU): each
 run of the grid is claimed by one process (a lock file under ``<out>/locks``), a synthetic set is distilled by

@@ -66,12 +66,15 @@ def targets(runs: list[dict], epochs: int, seeds: list[int] = SEEDS) -> str:
         if a is None or b is None:
             lines.append(f"| {ipc} | {need} | - | - | waiting |")
             continue
-        def passes(gap: float) -> bool:                  # 1e-9: the float noise of a mean, no more
-            return gap >= least - 1e-9 if least else gap > 1e-9
-        met = passes(a - b)
-        shown = f"{a - b:+.2f}" if passes(round(a - b, 2)) == met else f"{a - b:+.4f}"   # 0.9967 is not "+1.00"
+        met = _meets(a - b, least)
+        shown = f"{a - b:+.2f}" if _meets(round(a - b, 2), least) == met else f"{a - b:+.4f}"  # 0.9967 is not +1.00
         lines.append(f"| {ipc} | {need} | {a:.2f} vs {b:.2f} | {shown} | {'met' if met else '**missed**'} |")
     return "\n".join(lines) + "\n"
+
+
+def _meets(gap: float, least: float) -> bool:
+    """``gap`` at least ``least`` points, or above 0 when ``least`` is 0; 1e-9: the float noise of a mean, no more."""
+    return gap >= least - 1e-9 if least else gap > 1e-9
 
 
 def write_targets(argv: list[str]) -> Path:
