@@ -86,12 +86,13 @@ def write_targets(argv: list[str]) -> Path:
                              targets(runs, build_config(ns).epochs))      # seeds 0-2, whatever --seeds ran
 
 
-def write_docs(argv: list[str]) -> None:
-    """The table compare wrote and the targets' verdict into each of :data:`DOCS` that has their markers."""
+def write_docs(argv: list[str], verdict: Path) -> None:
+    """The table compare wrote and the targets' ``verdict`` (:func:`write_targets`) into each of :data:`DOCS` that
+    has their markers."""
     results = Path(make_parser().parse_args(argv).results)
     dataset = results.stem.removeprefix("table_")
     with file_lock(DOCS_LOCK):              # two datasets' tables may finish at once: one writer per doc
-        for kind, text in (("table", results.with_suffix(".md")), ("targets", write_targets(argv))):
+        for kind, text in (("table", results.with_suffix(".md")), ("targets", verdict)):
             if not text.exists():
                 continue
             for doc in DOCS:
@@ -105,14 +106,15 @@ def run(argv: list[str]) -> int:
         return 0
     if "--summary" in argv:                 # what the results file holds now, complete or not
         argv = command([a for a in argv if a != "--summary"])
-        write_docs(argv)
-        print(write_targets(argv).read_text(), end="")
+        verdict = write_targets(argv)
+        write_docs(argv, verdict)
+        print(verdict.read_text(), end="")
         return 0
     argv = command(argv)
     rc = main(argv)
-    write_targets(argv)
+    verdict = write_targets(argv)
     if rc == 0 and not missing(argv):
-        write_docs(argv)
+        write_docs(argv, verdict)
     return rc
 
 
