@@ -136,10 +136,7 @@ def run_compare(base: RunConfig, rows: list[str], ipcs: list[int], seeds: list[i
     locks = out / "locks"
 
     def table(data: dict) -> str:               # written with each new run, under the results file's lock
-        md = markdown(data["runs"], rows=names, epochs=base.epochs)
-        md += "\n" + dd_ranking(data["runs"], full_hard_top1(base), rows=names, epochs=base.epochs)
-        atomic_write_text(path.with_suffix(".md"), md)
-        return md
+        return write_table(path, data["runs"], names, base)
 
     # First pass: the runs no other process holds, and whose set is on disk or free to distil; the rest wait
     # for the second, which waits for their locks: a run whose holder died is done here.
@@ -315,6 +312,15 @@ def stage_seconds(cfg: RunConfig, syn: Path) -> dict[str, float]:
     return s
 
 
+def write_table(path: Path, runs: list[dict], rows: list[str], cfg: RunConfig) -> str:
+    """The markdown beside the results file ``path`` (``.md``): the table of ``rows`` (``method:labels``) and
+    DD-Ranking's numbers, from ``runs`` with ``cfg``'s student epochs and teacher. Returns the text."""
+    md = markdown(runs, rows=rows, epochs=cfg.epochs)
+    md += "\n" + dd_ranking(runs, full_hard_top1(cfg), rows=rows, epochs=cfg.epochs)
+    atomic_write_text(Path(path).with_suffix(".md"), md)
+    return md
+
+
 def full_hard_top1(cfg: RunConfig) -> float | None:
     """Top-1 of the student architecture trained with hard labels on the whole training split: the teacher's
     test top-1 (teacher.json) when the teacher is that architecture (train-teacher trains on hard labels), else
@@ -338,15 +344,17 @@ def dd_ranking(runs: list[dict], full_hard: float | None, rows: list[str] | None
 
     - IOR, improvement over random: the row minus ``random`` with the same label mode (what the images add
       beyond the labels' training);
-    - HLR, hard-label recovery: ``full_hard`` (the student trained with hard labels on the whole training
-      split) minus the row's method with hard labels (lower is better: the gap its images leave).
+    - HLR, hard-label recovery: ``full_hard`` (the student architecture trained with hard labels on all the
+      training images) minus the method with hard labels (lower is better: the gap its images leave). It is a
+      number per method, shown on the method's hard-label row and blank on its other rows.
     A cell is ``-`` where a run it needs is missing."""
     runs = [r for r in runs if epochs is None or r["epochs"] == epochs]
     names = [n for n in dict.fromkeys([*(rows or []), *(f"{r['method']}:{r['labels']}" for r in runs)])
              if any(f"{r['method']}:{r['labels']}" == n for r in runs)]
     ipcs = sorted({r["ipc"] for r in runs})
-    head = f"hard-label top-1 on the whole training split: {full_hard:.2f}" if full_hard is not None else \
-        "hard-label top-1 on the whole training split: unknown (student is not the teacher's architecture)"
+    head = (f"HLR against {full_hard:.2f}: the teacher, the student's architecture trained with hard labels on "
+            "all the training images" if full_hard is not None else
+            "HLR against: unknown, the student is not the teacher's architecture")
     lines = [f"DD-Ranking, points of test top-1 ({head})", "",
              "| method | labels | " + " | ".join(f"IPC {i} IOR | IPC {i} HLR" for i in ipcs) + " |",
              "|---|---|" + "---|---|" * len(ipcs)]
@@ -357,7 +365,8 @@ def dd_ranking(runs: list[dict], full_hard: float | None, rows: list[str] | None
             own, rnd = _mean_of(runs, i, method, labels), _mean_of(runs, i, "random", labels)
             hard = _mean_of(runs, i, method, "hard")
             cells.append("-" if own is None or rnd is None else f"{own - rnd:+.1f}")
-            cells.append("-" if hard is None or full_hard is None else f"{full_hard - hard:.1f}")
+            cells.append("" if labels != "hard" else "-" if hard is None or full_hard is None else
+                         f"{full_hard - hard:.1f}")
         lines.append(f"| {method} | {labels} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

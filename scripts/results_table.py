@@ -6,7 +6,8 @@
 One ``nrrdd compare`` command per dataset. Fashion-MNIST: every row of the results table (SRe2L at IPC 10 only,
 the row ``sre2l:online@10``). MNIST: the second table's rows. Any other flag goes to ``nrrdd compare``
 unchanged. Re-running continues the results file; ``--print`` only prints the command; ``--summary`` runs nothing:
-it writes the table and the targets' verdict (below) into the docs from the results file as it stands.
+it rewrites the table from the results file as it stands and writes it and the targets' verdict (below) into
+the docs.
 
 The same command may run in several processes at once (``--threads 1`` each, one per core): they share the grid
 (see ``nrrdd compare --help``). When the whole grid is done, the table compare wrote (``results/table_<dataset>.md``)
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 from nrrdd.cli import build_config, main, make_parser
-from nrrdd.compare import parse_rows
+from nrrdd.compare import parse_rows, write_table
 from nrrdd.io import atomic_write_text, file_lock, write_between_markers
 
 ROWS = {
@@ -86,6 +87,17 @@ def write_targets(argv: list[str]) -> Path:
                              targets(runs, build_config(ns).epochs))      # seeds 0-2, whatever --seeds ran
 
 
+def write_summary_table(argv: list[str]) -> None:
+    """The markdown table beside the results file of the compare arguments ``argv``, rewritten from what the
+    file holds (the table compare writes as runs land, in the format of this version of the code)."""
+    ns = make_parser().parse_args(argv)
+    results = Path(ns.results)
+    if results.exists():
+        with file_lock(results.with_suffix(".lock")):
+            runs = json.loads(results.read_text())["runs"]
+            write_table(results, runs, [r.name for r in parse_rows(ns.rows, ns.ipcs)], build_config(ns))
+
+
 def write_docs(argv: list[str], verdict: Path) -> None:
     """The table compare wrote and the targets' ``verdict`` (:func:`write_targets`) into each of :data:`DOCS` that
     has their markers."""
@@ -106,6 +118,7 @@ def run(argv: list[str]) -> int:
         return 0
     if "--summary" in argv:                 # what the results file holds now, complete or not
         argv = command([a for a in argv if a != "--summary"])
+        write_summary_table(argv)
         verdict = write_targets(argv)
         write_docs(argv, verdict)
         print(verdict.read_text(), end="")

@@ -79,6 +79,13 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         ("random online", "random", "online", {}),
         ("random, nrrdd recipe", "random", "online", {"recipe": "nrrdd"}),
     ],
+    "factor": [           # RDED's stitching on small images: factor x factor smaller crops per synthetic image
+        ("default", "nrrdd", "online", {}),
+        ("factor 2", "nrrdd", "online", {"factor": 2}),
+        ("random online", "random", "online", {}),
+        ("random, factor 2", "random", "online", {"factor": 2}),
+        ("rded, factor 2", "rded", "online", {"factor": 2}),
+    ],
     "dbr": [              # DBR's loss against stored soft labels on the same images
         ("soft (stored)", "nrrdd", "soft", {}),
         ("dbr", "nrrdd", "dbr", {}),

@@ -338,10 +338,13 @@ def test_dd_ranking_by_hand():
     lines = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in md.splitlines()
              if line.startswith("| nrrdd") or line.startswith("| random")}
     # IOR: 84.5 - 81.0; HLR: 93 - 61
-    assert lines[("nrrdd", "online")].endswith("| +3.5 | 32.0 |")
+    # HLR is per method: on its hard-label row only
+    assert lines[("nrrdd", "online")].endswith("| +3.5 |  |")
     assert lines[("nrrdd", "hard")].endswith("| -9.0 | 32.0 |")        # 61 - 70
-    assert lines[("random", "online")].endswith("| +0.0 | 23.0 |")
-    assert "93.00" in md
+    assert lines[("random", "online")].endswith("| +0.0 |  |")
+    assert "HLR against 93.00: the teacher" in md
+    md = dd_ranking(runs, None, rows=["nrrdd:hard"], epochs=300)
+    assert "| nrrdd | hard | -9.0 | - |" in md and "unknown" in md
 
 
 def test_full_hard_top1_is_the_teachers_accuracy_for_the_same_architecture(tmp_path):
