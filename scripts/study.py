@@ -84,6 +84,7 @@ ROUNDS: dict[str, list[tuple[str, str, str, dict]]] = {
         ("factor 2", "nrrdd", "online", {"factor": 2}),
         ("random online", "random", "online", {}),
         ("random, factor 2", "random", "online", {"factor": 2}),
+        ("rded online", "rded", "online", {}),
         ("rded, factor 2", "rded", "online", {"factor": 2}),
     ],
     "dbr": [              # DBR's loss against stored soft labels on the same images
