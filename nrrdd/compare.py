@@ -346,27 +346,29 @@ def dd_ranking(runs: list[dict], full_hard: float | None, rows: list[str] | None
       beyond the labels' training);
     - HLR, hard-label recovery: ``full_hard`` (the student architecture trained with hard labels on all the
       training images) minus the method with hard labels (lower is better: the gap its images leave). It is a
-      number per method, shown on the method's hard-label row and blank on its other rows.
+      number per method and IPC, shown on the method's hard-label row and blank on its other rows; without
+      hard-label rows the table has no HLR columns.
     A cell is ``-`` where a run it needs is missing."""
     runs = [r for r in runs if epochs is None or r["epochs"] == epochs]
     names = [n for n in dict.fromkeys([*(rows or []), *(f"{r['method']}:{r['labels']}" for r in runs)])
              if any(f"{r['method']}:{r['labels']}" == n for r in runs)]
     ipcs = sorted({r["ipc"] for r in runs})
-    head = (f"HLR against {full_hard:.2f}: the teacher, the student's architecture trained with hard labels on "
-            "all the training images" if full_hard is not None else
-            "HLR against: unknown, the student is not the teacher's architecture")
-    lines = [f"DD-Ranking, points of test top-1 ({head})", "",
-             "| method | labels | " + " | ".join(f"IPC {i} IOR | IPC {i} HLR" for i in ipcs) + " |",
-             "|---|---|" + "---|---|" * len(ipcs)]
+    hlr = any(n.endswith(":hard") for n in names)     # HLR comes from the hard-label rows: without them, no column
+    head = "" if not hlr else (f" (HLR from {full_hard:.2f}: the teacher, same architecture, hard labels, all "
+                               "training images)" if full_hard is not None else
+                               " (HLR unknown: no teacher.json of the student's architecture)")
+    lines = [f"DD-Ranking, points of test top-1{head}", "",
+             "| method | labels | " + " | ".join(f"IPC {i} IOR" + (f" | IPC {i} HLR" if hlr else "") for i in ipcs)
+             + " |", "|---|---|" + ("---|---|" if hlr else "---|") * len(ipcs)]
     for name in names:
         method, labels = name.split(":")
         cells = []
         for i in ipcs:
             own, rnd = _mean_of(runs, i, method, labels), _mean_of(runs, i, "random", labels)
-            hard = _mean_of(runs, i, method, "hard")
             cells.append("-" if own is None or rnd is None else f"{own - rnd:+.1f}")
-            cells.append("" if labels != "hard" else "-" if hard is None or full_hard is None else
-                         f"{full_hard - hard:.1f}")
+            if hlr:                                 # on the hard-label row, own is the method's hard-label mean
+                cells.append("" if labels != "hard" else "-" if own is None or full_hard is None else
+                             f"{full_hard - own:.1f}")
         lines.append(f"| {method} | {labels} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -81,7 +81,7 @@ class RunConfig:
     ipc: int = _f(10, "synthetic images per class", "discover")
     mipc: int = _f(300, "real candidate images per class", "discover")
     num_crop: int = _f(5, "random crops scored per candidate image", "discover")
-    factor: int | None = _f(None, "patches per side of a synthetic image; None: 1 below 64 px, 2 above (METHOD.md)",
+    factor: int | None = _f(None, "patches per side of a synthetic image; None: 1 up to 64 px, 2 above (METHOD.md)",
                             "discover")
     crop_scale: tuple[float, float] = _f((0.08, 1.0), "discovery: random-resized-crop area range, as a fraction of "
                                          "the image (torchvision's scale)", "discover")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from nrrdd.cli import build_config, main, make_parser
-from nrrdd.compare import parse_rows, write_table
+from nrrdd.compare import grid_settings, load_results, parse_rows, write_table
 from nrrdd.io import atomic_write_text, file_lock, write_between_markers
 
 ROWS = {
@@ -89,13 +89,18 @@ def write_targets(argv: list[str]) -> Path:
 
 def write_summary_table(argv: list[str]) -> None:
     """The markdown table beside the results file of the compare arguments ``argv``, rewritten from what the
-    file holds (the table compare writes as runs land, in the format of this version of the code)."""
+    file holds (the table compare writes as runs land, in the format of this version of the code). The file is
+    checked as compare checks it (its teacher and settings); nothing is written when it does not exist yet."""
     ns = make_parser().parse_args(argv)
-    results = Path(ns.results)
-    if results.exists():
-        with file_lock(results.with_suffix(".lock")):
-            runs = json.loads(results.read_text())["runs"]
-            write_table(results, runs, [r.name for r in parse_rows(ns.rows, ns.ipcs)], build_config(ns))
+    cfg, results = build_config(ns), Path(ns.results)
+    if not results.exists():
+        return
+    with file_lock(results.with_suffix(".lock")):
+        try:
+            runs = load_results(results, cfg.teacher, grid_settings(cfg))["runs"]
+        except ValueError as e:
+            raise SystemExit(f"--summary: {e}") from None
+        write_table(results, runs, [r.name for r in parse_rows(ns.rows, ns.ipcs)], cfg)
 
 
 def write_docs(argv: list[str], verdict: Path) -> None:

@@ -342,9 +342,13 @@ def test_dd_ranking_by_hand():
     assert lines[("nrrdd", "online")].endswith("| +3.5 |  |")
     assert lines[("nrrdd", "hard")].endswith("| -9.0 | 32.0 |")        # 61 - 70
     assert lines[("random", "online")].endswith("| +0.0 |  |")
-    assert "HLR against 93.00: the teacher" in md
+    assert "HLR from 93.00: the teacher" in md
     md = dd_ranking(runs, None, rows=["nrrdd:hard"], epochs=300)
-    assert "| nrrdd | hard | -9.0 | - |" in md and "unknown" in md
+    assert "| nrrdd | hard | -9.0 | - |" in md and "HLR unknown" in md
+    # no hard-label rows: no HLR columns
+    soft = [r for r in runs if r["labels"] != "hard"]
+    md = dd_ranking(soft, 93.0, rows=["random:online", "nrrdd:online"], epochs=300)
+    assert "HLR" not in md and "| method | labels | IPC 10 IOR |" in md and "| nrrdd | online | +3.5 |" in md
 
 
 def test_full_hard_top1_is_the_teachers_accuracy_for_the_same_architecture(tmp_path):

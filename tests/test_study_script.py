@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "scripts" / "study.py")
 study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
@@ -148,3 +150,6 @@ def test_each_target_is_met_missed_or_waiting_by_hand(tmp_path):
     assert doc.read_text() == (f"<!-- table_x:start -->\n{md}<!-- table_x:end -->\ntext\n"
                                f"<!-- targets_x:start -->\n{verdict}<!-- targets_x:end -->\n")
     assert not (tmp_path / "no_markers.md").exists()
+    with pytest.raises(SystemExit, match="teacher"):           # checked as compare checks it: nothing rewritten
+        table.run(["--teacher", "other.pt", "--results", str(results), "--summary"])
+    assert (tmp_path / "table_x.md").read_text() == md
