@@ -322,9 +322,9 @@ def write_table(path: Path, runs: list[dict], rows: list[str], cfg: RunConfig) -
 
 
 def full_hard_top1(cfg: RunConfig) -> float | None:
-    """Top-1 of the student architecture trained with hard labels on the whole training split: the teacher's
-    test top-1 (teacher.json) when the teacher is that architecture (train-teacher trains on hard labels), else
-    None (unknown)."""
+    """Test top-1 of the student architecture trained with hard labels on all the training images: the teacher's
+    (teacher.json) when the teacher is that architecture (train-teacher trains on hard labels), else None
+    (unknown: no teacher, no teacher.json, or another architecture)."""
     meta = teacher_meta_path(cfg.teacher) if cfg.teacher else None
     if meta is None or not meta.exists() or cfg.student != cfg.arch:
         return None
