@@ -18,7 +18,15 @@ Each invocation ends by writing ``results/table_<dataset>_targets.md``: issue 14
 random and RDED online at every IPC, by at least 1 point at IPC 10 and 50; NRR-DD DBR within 2 points of NRR-DD
 online at IPC 10 and 50), each judged on the means over seeds 0-2 of the test split: met, missed, or waiting
 while a run it needs is missing. It goes into the docs with the table, between ``targets_<dataset>`` markers.
+
+The sets whose distillation takes hours (NRR-DD's and SRe2L's: the refinement) are kept with the results, under
+``results/sets/<dataset>/<set>/`` (``synthetic.safetensors``, ``config.json``, ``manifest_distill.json``; no PNGs):
+``--summary`` stores each finished one, and a run copies the stored ones into its ``--out`` first, so the grid is
+carried on elsewhere (another machine, a fresh clone) without distilling them again. A stored set whose bytes do
+not match its manifest's ``synthetic_sha256`` is refused; compare checks its teacher and settings before reuse.
 """
+import hashlib
+import shutil
 import json
 import statistics
 import sys
@@ -41,6 +49,9 @@ TARGETS = [(ipc, "nrrdd:online", other, least) for ipc, least in ((1, 0.0), (10,
            for other in ("random:online", "rded:online")] + \
           [(ipc, "nrrdd:dbr", "nrrdd:online", -2.0) for ipc in (10, 50)]
 DOCS_LOCK = Path("results/docs.lock")
+SETS = Path("results/sets")
+SLOW_SETS = ("nrrdd", "sre2l")          # methods whose sets are kept under SETS (a random or RDED set takes a minute)
+SET_FILES = ("synthetic.safetensors", "config.json", "manifest_distill.json")    # the manifest last: "finished"
 
 
 def command(argv: list[str]) -> list[str]:
@@ -117,6 +128,68 @@ def write_docs(argv: list[str], verdict: Path) -> None:
                     print(f"{doc}: {kind}_{dataset} updated from {text}")
 
 
+def _sets(argv: list[str]) -> tuple[Path, Path]:
+    """(the compare ``--out`` folder of the grid, its folder of stored sets under :data:`SETS`)."""
+    ns = make_parser().parse_args(argv)
+    return Path(ns.out), SETS / Path(ns.results).stem.removeprefix("table_")
+
+
+def _finished(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in SET_FILES)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_set(src: Path, dst: Path) -> None:
+    """The finished set ``src`` into ``dst``, each file through a temporary name, the manifest last, after its
+    ``synthetic_sha256`` is checked against the copied bytes: a half-copied or damaged set is never taken for one."""
+    want = json.loads((src / "manifest_distill.json").read_text()).get("synthetic_sha256")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SET_FILES:
+        tmp = dst / f".{name}.tmp"
+        shutil.copyfile(src / name, tmp)
+        if name == "manifest_distill.json" and _sha256(dst / "synthetic.safetensors") != want:
+            tmp.unlink()
+            raise SystemExit(f"{src}: synthetic.safetensors does not match its manifest's synthetic_sha256; "
+                             "not copied (distil it again, or restore the file)")
+        tmp.replace(dst / name)
+
+
+def save_sets(argv: list[str]) -> list[Path]:
+    """Each finished set of :data:`SLOW_SETS` in the grid's ``--out`` not yet stored (or stored with other bytes)
+    into :data:`SETS`; the stored folders it wrote."""
+    out, store = _sets(argv)
+    saved = []
+    for folder in sorted(out.glob("ipc*_s*_*")):
+        if folder.name.rsplit("_", 1)[-1] not in SLOW_SETS or not _finished(folder):
+            continue
+        dst = store / folder.name
+        if _finished(dst) and all((dst / f).read_bytes() == (folder / f).read_bytes() for f in SET_FILES):
+            continue
+        _copy_set(folder, dst)
+        saved.append(dst)
+    return saved
+
+
+def restore_sets(argv: list[str]) -> list[Path]:
+    """Each stored set (:func:`save_sets`) the grid's ``--out`` lacks (no finished set there) copied into it; the
+    folders it wrote. Compare then reuses them after checking their teacher and settings."""
+    out, store = _sets(argv)
+    restored = []
+    for src in sorted(store.glob("ipc*_s*_*")):
+        dst = out / src.name
+        if _finished(src) and not (dst / "manifest_distill.json").exists():
+            _copy_set(src, dst)
+            restored.append(dst)
+    return restored
+
+
 def run(argv: list[str]) -> int:
     if "--print" in argv:
         print(" ".join(["nrrdd", *command([a for a in argv if a != "--print"])]))
@@ -124,11 +197,15 @@ def run(argv: list[str]) -> int:
     if "--summary" in argv:                 # what the results file holds now, complete or not
         argv = command([a for a in argv if a != "--summary"])
         write_summary_table(argv)
+        for folder in save_sets(argv):
+            print(f"stored the finished set {folder}")
         verdict = write_targets(argv)
         write_docs(argv, verdict)
         print(verdict.read_text(), end="")
         return 0
     argv = command(argv)
+    for folder in restore_sets(argv):
+        print(f"{folder}: copied from the stored sets")
     rc = main(argv)
     verdict = write_targets(argv)
     if rc == 0 and not missing(argv):

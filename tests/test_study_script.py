@@ -153,3 +153,49 @@ def test_each_target_is_met_missed_or_waiting_by_hand(tmp_path):
     with pytest.raises(SystemExit, match="teacher"):           # checked as compare checks it: nothing rewritten
         table.run(["--teacher", "other.pt", "--results", str(results), "--summary"])
     assert (tmp_path / "table_x.md").read_text() == md
+
+
+def test_slow_sets_are_stored_with_the_results_and_restored_checked(tmp_path):
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "scripts" /
+                                                  "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    import hashlib
+    table.SETS = tmp_path / "sets"
+    out = tmp_path / "runs"
+
+    def a_set(name, data=b"pixels", finished=True):
+        d = out / name
+        d.mkdir(parents=True)
+        (d / "synthetic.safetensors").write_bytes(data)
+        (d / "config.json").write_text("{}")
+        (d / "syn").mkdir()                                         # the PNGs stay behind
+        if finished:
+            (d / "manifest_distill.json").write_text(
+                json.dumps({"synthetic_sha256": hashlib.sha256(data).hexdigest()}))
+        return d
+    a_set("ipc50_s0_nrrdd")
+    a_set("ipc50_s0_rded")                                          # a minute to distil: not stored
+    a_set("ipc50_s1_nrrdd", finished=False)                         # still refining: not stored
+    argv = table.command(["--teacher", "t.pt", "--out", str(out), "--results", str(tmp_path / "table_fm.json")])
+    stored = tmp_path / "sets" / "fm" / "ipc50_s0_nrrdd"
+    assert table.save_sets(argv) == [stored]
+    assert sorted(p.name for p in stored.iterdir()) == ["config.json", "manifest_distill.json",
+                                                        "synthetic.safetensors"]
+    assert table.save_sets(argv) == []                              # stored already, same bytes
+    assert sorted(p.name for p in (tmp_path / "sets" / "fm").iterdir()) == ["ipc50_s0_nrrdd"]
+
+    # another machine: a fresh --out gets the stored set, byte for byte; a finished set there is left alone
+    fresh = table.command(["--teacher", "t.pt", "--out", str(tmp_path / "fresh"),
+                           "--results", str(tmp_path / "table_fm.json")])
+    assert table.restore_sets(fresh) == [tmp_path / "fresh" / "ipc50_s0_nrrdd"]
+    assert (tmp_path / "fresh" / "ipc50_s0_nrrdd" / "synthetic.safetensors").read_bytes() == b"pixels"
+    assert table.restore_sets(fresh) == []
+
+    # a stored set whose bytes are not its manifest's: refused, and no manifest (no "finished") where it went
+    (stored / "synthetic.safetensors").write_bytes(b"damaged")
+    damaged = tmp_path / "third"
+    with pytest.raises(SystemExit, match="synthetic_sha256"):
+        table.restore_sets(table.command(["--teacher", "t.pt", "--out", str(damaged),
+                                          "--results", str(tmp_path / "table_fm.json")]))
+    assert not (damaged / "ipc50_s0_nrrdd" / "manifest_distill.json").exists()
