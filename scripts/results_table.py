@@ -25,7 +25,6 @@ The sets whose distillation takes hours (NRR-DD's and SRe2L's: the refinement) a
 carried on elsewhere (another machine, a fresh clone) without distilling them again. A stored set whose bytes do
 not match its manifest's ``synthetic_sha256`` is refused; compare checks its teacher and settings before reuse.
 """
-import hashlib
 import shutil
 import json
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from nrrdd.cli import build_config, main, make_parser
 from nrrdd.compare import grid_settings, load_results, parse_rows, write_table
-from nrrdd.io import atomic_write_text, file_lock, write_between_markers
+from nrrdd.io import atomic_write_text, file_lock, load_safetensors, tensor_sha256, write_between_markers
 
 ROWS = {
     "fashion-mnist": ["random:online", "rded:online", "nrrdd:online", "nrrdd:soft", "nrrdd:dbr", "random:hard",
@@ -138,12 +137,14 @@ def _finished(folder: Path) -> bool:
     return all((folder / f).is_file() for f in SET_FILES)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _digest(path: Path) -> str | None:
+    """The ``synthetic_sha256`` of a synthetic set's file, as the pipeline writes it (its images and labels
+    tensors); None for a file that is not a readable set."""
+    try:
+        t, _ = load_safetensors(path)
+        return tensor_sha256(t["images"], t["labels"])
+    except Exception:                       # truncated, not safetensors, or no images/labels: not the set
+        return None
 
 
 def _copy_set(src: Path, dst: Path) -> None:
@@ -154,7 +155,7 @@ def _copy_set(src: Path, dst: Path) -> None:
     for name in SET_FILES:
         tmp = dst / f".{name}.tmp"
         shutil.copyfile(src / name, tmp)
-        if name == "manifest_distill.json" and _sha256(dst / "synthetic.safetensors") != want:
+        if name == "manifest_distill.json" and _digest(dst / "synthetic.safetensors") != want:
             tmp.unlink()
             raise SystemExit(f"{src}: synthetic.safetensors does not match its manifest's synthetic_sha256; "
                              "not copied (distil it again, or restore the file)")

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "scripts" / "study.py")
 study = importlib.util.module_from_spec(spec)
@@ -160,19 +161,21 @@ def test_slow_sets_are_stored_with_the_results_and_restored_checked(tmp_path):
                                                   "results_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    import hashlib
+    from safetensors.torch import save_file
+    from nrrdd.io import tensor_sha256
     table.SETS = tmp_path / "sets"
     out = tmp_path / "runs"
+    images, labels = torch.arange(24.0).reshape(2, 1, 3, 4), torch.tensor([0, 1])
 
-    def a_set(name, data=b"pixels", finished=True):
+    def a_set(name, finished=True):
         d = out / name
         d.mkdir(parents=True)
-        (d / "synthetic.safetensors").write_bytes(data)
+        save_file({"images": images, "labels": labels}, str(d / "synthetic.safetensors"))
         (d / "config.json").write_text("{}")
         (d / "syn").mkdir()                                         # the PNGs stay behind
-        if finished:
+        if finished:                    # the manifest's digest is the pipeline's: of the tensors, not the file
             (d / "manifest_distill.json").write_text(
-                json.dumps({"synthetic_sha256": hashlib.sha256(data).hexdigest()}))
+                json.dumps({"synthetic_sha256": tensor_sha256(images, labels)}))
         return d
     a_set("ipc50_s0_nrrdd")
     a_set("ipc50_s0_rded")                                          # a minute to distil: not stored
@@ -189,13 +192,18 @@ def test_slow_sets_are_stored_with_the_results_and_restored_checked(tmp_path):
     fresh = table.command(["--teacher", "t.pt", "--out", str(tmp_path / "fresh"),
                            "--results", str(tmp_path / "table_fm.json")])
     assert table.restore_sets(fresh) == [tmp_path / "fresh" / "ipc50_s0_nrrdd"]
-    assert (tmp_path / "fresh" / "ipc50_s0_nrrdd" / "synthetic.safetensors").read_bytes() == b"pixels"
+    assert ((tmp_path / "fresh" / "ipc50_s0_nrrdd" / "synthetic.safetensors").read_bytes()
+            == (out / "ipc50_s0_nrrdd" / "synthetic.safetensors").read_bytes())
     assert table.restore_sets(fresh) == []
 
     # a stored set whose bytes are not its manifest's: refused, and no manifest (no "finished") where it went
-    (stored / "synthetic.safetensors").write_bytes(b"damaged")
+    save_file({"images": images + 1, "labels": labels}, str(stored / "synthetic.safetensors"))   # other pixels
     damaged = tmp_path / "third"
     with pytest.raises(SystemExit, match="synthetic_sha256"):
         table.restore_sets(table.command(["--teacher", "t.pt", "--out", str(damaged),
                                           "--results", str(tmp_path / "table_fm.json")]))
     assert not (damaged / "ipc50_s0_nrrdd" / "manifest_distill.json").exists()
+    (stored / "synthetic.safetensors").write_bytes(b"truncated")                          # not a set at all
+    with pytest.raises(SystemExit, match="synthetic_sha256"):
+        table.restore_sets(table.command(["--teacher", "t.pt", "--out", str(tmp_path / "fourth"),
+                                          "--results", str(tmp_path / "table_fm.json")]))
