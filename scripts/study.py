@@ -234,11 +234,12 @@ def record(path: Path, rnd: str, name: str, cfg: RunConfig, over: dict, r: dict,
 def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
     """Per (round, trial, ipc, epochs), in the order of :data:`ROUNDS`: mean, std and number of seeds; the gain over
     the round's control (its first trial with the same method and label mode) and whether it is larger than
-    twice the larger seed spread (std) of the two."""
-    groups: dict[tuple, list[float]] = {}
+    twice the larger seed spread (std) of the two. The gain and the spreads are taken on the seeds both ran: a
+    trial run on seed 0 only is compared with the control's seed 0, not with its mean over three seeds."""
+    groups: dict[tuple, dict[int, float]] = {}
     for t in trials:                    # a round re-run on other defaults is another round
         rnd = t["round"] if t.get("base", "{}") == "{}" else f"{t['round']} on {_short(t['base'])}"
-        groups.setdefault((rnd, t["name"], t["ipc"], t["epochs"]), []).append(t["val_top1"])
+        groups.setdefault((rnd, t["name"], t["ipc"], t["epochs"]), {})[t["seed"]] = t["val_top1"]
     bases = {r for r, *_ in groups}
     sd = lambda x: statistics.stdev(x) if len(x) > 1 else float("nan")  # noqa: E731
     rows = []
@@ -248,17 +249,20 @@ def summarise(trials: list[dict], ipcs: list[int] | None = None) -> list[dict]:
         for rnd, trials_of_round in [(b, ROUNDS[b.split(" on ")[0]] + RETIRED.get(b.split(" on ")[0], [])) for b in
                                      sorted(bases, key=lambda b: (list(ROUNDS).index(b.split(" on ")[0]), b))]:
             for name, method, labels, _ in trials_of_round:
-                v = groups.get((rnd, name, ipc, epochs))
-                if not v:
+                by_seed = groups.get((rnd, name, ipc, epochs))
+                if not by_seed:
                     continue
                 control = next(t for t in trials_of_round if (t[1], t[2]) == (method, labels))
-                c = groups.get((rnd, control[0], ipc, epochs), []) or _run_elsewhere(groups, rnd, control, ipc, epochs)
+                c_seed = groups.get((rnd, control[0], ipc, epochs)) or _run_elsewhere(groups, rnd, control, ipc, epochs)
                 control = control[0]
-                gain = statistics.mean(v) - statistics.mean(c) if c else float("nan")
-                spread = max(sd(v), sd(c)) if c else float("nan")
+                common = sorted(set(by_seed) & set(c_seed))
+                v, c = [by_seed[s] for s in common], [c_seed[s] for s in common]
+                gain = statistics.mean(v) - statistics.mean(c) if common else float("nan")
+                spread = max(sd(v), sd(c)) if common else float("nan")
+                every = list(by_seed.values())
                 rows.append({"round": rnd, "name": name, "labels": labels, "ipc": ipc, "epochs": epochs,
-                             "mean": statistics.mean(v), "std": sd(v), "n": len(v), "control": control,
-                             "gain": gain, "significant": name != control and len(v) > 1 and len(c) > 1
+                             "mean": statistics.mean(every), "std": sd(every), "n": len(every), "control": control,
+                             "gain": gain, "significant": name != control and len(common) > 1
                              and abs(gain) > 2 * spread})
     return rows
 
@@ -268,7 +272,7 @@ def _short(base: str) -> str:
     return ", ".join(f"{k}={v}" for k, v in json.loads(base).items())
 
 
-def _run_elsewhere(groups: dict, rnd: str, trial: tuple, ipc: int, epochs: int) -> list[float]:
+def _run_elsewhere(groups: dict, rnd: str, trial: tuple, ipc: int, epochs: int) -> dict[int, float]:
     """The results of ``trial`` (name, method, labels, overrides) under another round with the same settings and
     defaults (e.g. the ``default`` of ``rule`` for the ``default`` of ``candidates``): a control run once serves
     every round it controls."""
@@ -279,7 +283,7 @@ def _run_elsewhere(groups: dict, rnd: str, trial: tuple, ipc: int, epochs: int) 
                 v = groups.get((other if on is None else f"{other} on {on}", name, ipc, epochs))
                 if v:
                     return v
-    return []
+    return {}
 
 
 def table(rows: list[dict]) -> str:

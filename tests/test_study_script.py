@@ -34,6 +34,18 @@ def test_gain_against_the_rounds_control_and_the_spread_rule():
                                  ("candidates", "crop>=20px"), ("dbr", "dbr"), ("dbr", "dbr alpha 4")]
 
 
+def test_the_gain_is_taken_on_the_seeds_both_ran():
+    """A trial run on seed 0 only against a control run on seeds 0-2: the gain is against the control's seed 0
+    (51 - 50 = +1), not its 3-seed mean (54, which would give -3); with one common seed no gain is significant.
+    Run on seeds 0 and 1 (51, 52 against 50, 52): gain +0.5, spread max(std) = 1.41 -> not significant."""
+    control = _trials("dbr", "dbr", "dbr", [50.0, 52.0, 60.0])
+    rows = {r["name"]: r for r in study.summarise(control + _trials("dbr T 4", "dbr", "dbr", [51.0]))}
+    assert rows["dbr T 4"]["gain"] == 1.0 and not rows["dbr T 4"]["significant"]
+    assert rows["dbr"]["n"] == 3 and rows["dbr"]["mean"] == 54.0
+    rows = {r["name"]: r for r in study.summarise(control + _trials("dbr T 4", "dbr", "dbr", [51.0, 52.0]))}
+    assert rows["dbr T 4"]["gain"] == 0.5 and rows["dbr T 4"]["mean"] == 51.5 and not rows["dbr T 4"]["significant"]
+
+
 def test_a_round_on_other_defaults_is_reported_apart():
     trials = (_trials("default", "rule", "online", [60.0, 61.0])
               + _trials("default", "rule", "online", [70.0, 71.0], base='{"cidd_keep": "low", "crop_min_side": 20}'))
@@ -142,7 +154,10 @@ def test_each_target_is_met_missed_or_waiting_by_hand(tmp_path):
     doc.write_text("<!-- table_x:start -->\n<!-- table_x:end -->\ntext\n"
                    "<!-- targets_x:start -->\n<!-- targets_x:end -->\n")
     table.DOCS, table.DOCS_LOCK = [doc, tmp_path / "no_markers.md"], tmp_path / "docs.lock"
-    assert table.run(["--teacher", "t.pt", "--results", str(results), "--summary"]) == 0
+    table.SETS = tmp_path / "sets"          # --summary stores finished sets: none of the project's folders
+    assert table.run(["--teacher", "t.pt", "--results", str(results), "--out", str(tmp_path / "runs"),
+                      "--summary"]) == 0
+    assert not (tmp_path / "sets").exists()
     verdict = (tmp_path / "table_x_targets.md").read_text()
     assert verdict == table.targets(runs, epochs=300)
     md = (tmp_path / "table_x.md").read_text()          # rewritten from the results file, this grid's epochs only
@@ -152,7 +167,7 @@ def test_each_target_is_met_missed_or_waiting_by_hand(tmp_path):
                                f"<!-- targets_x:start -->\n{verdict}<!-- targets_x:end -->\n")
     assert not (tmp_path / "no_markers.md").exists()
     with pytest.raises(SystemExit, match="teacher"):           # checked as compare checks it: nothing rewritten
-        table.run(["--teacher", "other.pt", "--results", str(results), "--summary"])
+        table.run(["--teacher", "other.pt", "--results", str(results), "--out", str(tmp_path / "runs"), "--summary"])
     assert (tmp_path / "table_x.md").read_text() == md
 
 
